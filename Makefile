@@ -1,0 +1,55 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Every environment they need is created here, idempotently.
+SHELL := /bin/bash
+PY311 ?= python3.11
+VENV := .venv
+LAVA_VENV := .venv-lava
+NETX_VENV := .venv-netx
+PY := $(VENV)/bin/python
+TORCH_SPEC := torch==2.13.0
+LAVA_SPEC := lava-nc==0.10.0
+
+.PHONY: all venv lava-env netx-env demo test test-fast test-netx bench clean
+
+all: venv lava-env
+
+# Main env (Python 3.11). torch is installed first and pinned: any other spec
+# would pull a multi-GB CUDA build.
+$(VENV)/.stamp: pyproject.toml
+	test -x $(PY) || $(PY311) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+venv: $(VENV)/.stamp
+
+# Lava env (Python 3.10 + lava-nc 0.10.0), used only through exporters/lava_worker.
+$(LAVA_VENV)/.stamp:
+	test -x $(LAVA_VENV)/bin/python || $$(PYTHON310=$${PYTHON310:-}; [ -n "$$PYTHON310" ] && echo $$PYTHON310 || scripts/find_python310.sh) -m venv $(LAVA_VENV)
+	$(LAVA_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LAVA_VENV)/bin/python -m pip install -q $(LAVA_SPEC) h5py
+	touch $@
+lava-env: $(LAVA_VENV)/.stamp
+
+# Optional: lava-dl netx loader (torch 2.3 + CUDA libraries, ~5.6 GB). Not part of make test.
+$(NETX_VENV)/.stamp:
+	test -x $(NETX_VENV)/bin/python || $$(scripts/find_python310.sh) -m venv $(NETX_VENV)
+	$(NETX_VENV)/bin/python -m pip install -q --upgrade pip
+	$(NETX_VENV)/bin/python -m pip install -q $(LAVA_SPEC) lava-dl==0.6.0 h5py
+	touch $@
+netx-env: $(NETX_VENV)/.stamp
+
+demo: venv lava-env
+	$(PY) examples/demo.py --out demo_out
+
+test: venv lava-env
+	DMN_LAVA_PYTHON=$(CURDIR)/$(LAVA_VENV)/bin/python $(VENV)/bin/pytest -q
+
+test-netx: venv netx-env
+	DMN_NETX_PYTHON=$(CURDIR)/$(NETX_VENV)/bin/python $(VENV)/bin/pytest -q -m netx
+
+bench: venv
+	$(PY) benchmarks/bptt.py
+
+clean:
+	rm -rf $(VENV) $(LAVA_VENV) $(NETX_VENV) demo_out

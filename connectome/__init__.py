@@ -1,0 +1,1 @@
+"""Connectome data layer of dmn-neuro: real fly olfactory wiring, offline by default."""
