@@ -47,6 +47,9 @@ SPIKE_CONDITION: str = "v > threshold"
 DISCRETISATION: str = "forward-euler"
 #: Default simulation step.
 DEFAULT_DT_MS: float = 1.0
+#: Voltage unit of the normalised dynamics: ``v = (V - V_rest) / VOLTAGE_UNIT_MV``.
+#: Surrogate-gradient slopes and weights are expressed in this unit.
+VOLTAGE_UNIT_MV: float = 10.0
 
 
 def tau_to_beta(tau_ms: float, dt_ms: float) -> float:
@@ -72,15 +75,16 @@ def beta_to_logit(beta: float) -> float:
 
 
 def normalise_threshold(threshold_mv: float, rest_mv: float) -> float:
-    """Physiological threshold (mV) -> normalised threshold (mV above rest).
+    """Physiological threshold (mV) -> normalised threshold.
 
-    The discrete model measures the membrane relative to rest, so a neuron at
-    rest has ``v = 0`` and the reset value (rest) is 0.
+    The discrete model measures the membrane relative to rest in units of
+    :data:`VOLTAGE_UNIT_MV`, so a neuron at rest has ``v = 0``, the reset value
+    (rest) is 0, and a threshold 15 mV above rest is 1.5.
     """
     theta = threshold_mv - rest_mv
     if not theta > 0:
         raise ValueError(f"threshold {threshold_mv} mV must lie above rest {rest_mv} mV")
-    return float(theta)
+    return float(theta) / VOLTAGE_UNIT_MV
 
 
 def nir_lif_parameters(beta: float, threshold: float, dt_s: float) -> Dict[str, float]:

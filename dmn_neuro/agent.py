@@ -1,0 +1,92 @@
+"""Closed loop: the two-hemisphere fly in the odor arena.
+
+Model assumption (documented in the README): the bundled connectome is one
+hemisphere. The fly carries two mirror copies of it with *shared* weights; the
+left copy is fed by the left antenna and the right copy by the right antenna
+(plus an optional ``contralateral_fraction`` of the other antenna). The copies
+are stacked along the batch axis (rows ``0..B-1`` left, ``B..2B-1`` right), so
+one circuit call steps both. The left DNs turn the fly left, the right DNs
+right (see :mod:`dmn_neuro.arena`).
+"""
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional, Sequence
+
+import torch
+from torch import nn
+
+
+class Rollout(NamedTuple):
+    positions: torch.Tensor  # [T+1, B, 3]
+    velocities: torch.Tensor  # [T, B, 3]
+    activations: Dict[str, torch.Tensor]  # population -> spikes [T, 2B, n]
+    source: torch.Tensor  # [B, 3]
+    start: torch.Tensor  # [B, 3]
+    odor: torch.Tensor  # [B]
+    concentration: torch.Tensor  # [T, B, 2]
+
+
+def _detach_tuple(t):
+    return type(t)(*[(x.detach() if isinstance(x, torch.Tensor) else x) for x in t])
+
+
+class NavigationAgent(nn.Module):
+    """Couples a :class:`DifferentiableOlfactoryCircuit`, an :class:`OdorEncoder`
+    and an :class:`OdorArena` into a differentiable closed loop."""
+
+    def __init__(self, circuit, encoder, arena, contralateral_fraction: float = 0.0) -> None:
+        super().__init__()
+        self.circuit = circuit
+        self.encoder = encoder
+        self.arena = arena
+        self.contralateral_fraction = float(contralateral_fraction)
+
+    def sensory_input(self, env_state, generator: Optional[torch.Generator], odor_removed: bool = False) -> torch.Tensor:
+        """ORN input currents for both hemispheres, ``[2B, n_orn]``."""
+        conc = self.arena.concentration(env_state)  # [B, 2] (left, right)
+        if odor_removed:
+            conc = torch.zeros_like(conc)
+        f = self.contralateral_fraction
+        if f:
+            conc = (1 - f) * conc + f * conc.flip(-1)
+        both = torch.cat([conc[:, 0], conc[:, 1]], dim=0)
+        odor = torch.cat([env_state.odor, env_state.odor], dim=0)
+        rates = self.encoder.rates(odor, both)
+        return self.encoder.currents(rates, generator), conc
+
+    def rollout(
+        self, batch_size: int, steps: int, generator: torch.Generator, *,
+        device: Optional[torch.device] = None, odor_removed: bool = False,
+        record: Sequence[str] = ("KC", "MBON", "DN"), tbptt_window: Optional[int] = None,
+        env_state=None,
+    ) -> Rollout:
+        device = device or next(self.circuit.parameters()).device
+        env = env_state if env_state is not None else self.arena.reset(batch_size, generator=generator, device=device)
+        start = env.pos
+        cstate = self.circuit.init_state(2 * batch_size, like=env.pos)
+        params = self.circuit.step_parameters()
+        noise_gen = None
+        if self.encoder.encoding == "poisson":
+            noise_gen = torch.Generator(device=device)
+            noise_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
+        positions, velocities, concs = [env.pos], [], []
+        rec = {n: [] for n in record}
+        for t in range(steps):
+            if tbptt_window and t > 0 and t % tbptt_window == 0:
+                cstate = _detach_tuple(type(cstate)({k: v.detach() for k, v in cstate.mem.items()},
+                                                    {k: v.detach() for k, v in cstate.spikes.items()}))
+                env = _detach_tuple(env)
+            x, conc = self.sensory_input(env, noise_gen, odor_removed)
+            spk, cstate = self.circuit.step(x, cstate, params)
+            dn = spk[self.circuit.output_population]
+            env, vel = self.arena.step(env, dn[:batch_size], dn[batch_size:])
+            positions.append(env.pos)
+            velocities.append(vel)
+            concs.append(conc)
+            for n in record:
+                rec[n].append(spk[n])
+        return Rollout(
+            positions=torch.stack(positions), velocities=torch.stack(velocities),
+            activations={n: torch.stack(v) for n, v in rec.items()}, source=env.source, start=start,
+            odor=env.odor, concentration=torch.stack(concs),
+        )

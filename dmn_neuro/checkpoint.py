@@ -1,0 +1,175 @@
+"""Checkpoints as a directory of safetensors + JSON (no pickle anywhere).
+
+Stores:
+    model.safetensors      circuit parameters and buffers (masks, signs)
+    optimizer.safetensors  optimiser state tensors (absent for untrained models)
+    rng.safetensors        torch RNG states
+    checkpoint.json        format, training config, circuit structure and
+                           constructor arguments, episode, loss history,
+                           optimiser param groups, metrics
+
+Writes are atomic: everything goes to a temporary sibling directory that is
+renamed into place, so a crash (even ``kill -9``) leaves either the previous
+checkpoint or the new one, never a half-written one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+
+FORMAT = "dmn-neuro-checkpoint"
+FORMAT_VERSION = 1
+
+
+def _atomic_dir_write(path: Path, writer) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        writer(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: Dict[str, torch.Tensor] = {}
+    scalars: Dict[str, Any] = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> Dict[str, Any]:
+    state: Dict[int, Dict[str, Any]] = {}
+    for key, v in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = v
+    for key, v in meta.get("scalars", {}).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    path, circuit, config, episode: int, optimizer: Optional[torch.optim.Optimizer] = None,
+    loss_history=None, metrics: Optional[Dict[str, Any]] = None, rng: Optional[Dict[str, torch.Tensor]] = None,
+    extra: Optional[Dict[str, Any]] = None,
+) -> Path:
+    model_sd = {k: v.detach().cpu().contiguous() for k, v in circuit.state_dict().items()}
+    for k, v in model_sd.items():
+        if v.is_floating_point() and not torch.all(torch.isfinite(v)):
+            raise CheckpointError(f"refusing to save a checkpoint with NaN/Inf in {k}")
+    meta: Dict[str, Any] = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "episode": int(episode),
+        "config": config.to_dict(), "circuit": circuit.config_dict(), "structure": circuit.structure.to_json(),
+        "semantics": circuit.semantics.to_dict(), "loss_history": list(loss_history or []),
+        "metrics": metrics or {}, "extra": extra or {},
+    }
+    opt_t: Dict[str, torch.Tensor] = {}
+    if optimizer is not None:
+        opt_t, meta["optimizer"] = _optimizer_tensors(optimizer)
+
+    def writer(d: Path) -> None:
+        save_file(model_sd, str(d / "model.safetensors"))
+        if optimizer is not None:
+            save_file(opt_t if opt_t else {"_empty": torch.zeros(0)}, str(d / "optimizer.safetensors"))
+        if rng:
+            save_file({k: v.cpu().contiguous() for k, v in rng.items()}, str(d / "rng.safetensors"))
+        (d / "checkpoint.json").write_text(json.dumps(meta, indent=1))
+
+    return _atomic_dir_write(Path(path), writer)
+
+
+def read_checkpoint(path) -> Dict[str, Any]:
+    """Read and validate a checkpoint directory (tensors + metadata), building nothing."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint must be a directory (model.safetensors + checkpoint.json): {path}")
+    meta_path = path / "checkpoint.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} has no checkpoint.json") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: checkpoint.json is corrupt ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: not a dmn-neuro checkpoint")
+    out: Dict[str, Any] = {"meta": meta, "path": path}
+    for name in ("model", "optimizer", "rng"):
+        f = path / f"{name}.safetensors"
+        if not f.exists():
+            if name == "model":
+                raise CheckpointError(f"checkpoint {path} has no model.safetensors")
+            out[name] = None
+            continue
+        try:
+            out[name] = load_file(str(f))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint {path}: {f.name} is corrupt ({str(exc).splitlines()[0]})") from None
+    if out.get("optimizer") is not None:
+        out["optimizer"].pop("_empty", None)
+    return out
+
+
+def load_circuit(path, device=None, engine: Optional[str] = None):
+    """Rebuild the trained circuit from a checkpoint: ``(circuit, meta)``."""
+    from .circuit import CircuitStructure, DifferentiableOlfactoryCircuit
+
+    ck = read_checkpoint(path)
+    meta = ck["meta"]
+    try:
+        structure = CircuitStructure.from_json(meta["structure"])
+        kw = dict(meta["circuit"])
+    except KeyError as exc:
+        raise CheckpointError(f"checkpoint {path}: missing {exc}") from None
+    kw["neuron_params"] = {k: tuple(v) for k, v in kw.get("neuron_params", {}).items()}
+    if engine is not None:
+        kw["engine"] = engine
+    circuit = DifferentiableOlfactoryCircuit(structure=structure, **kw)
+    sd = ck["model"]
+    for k, v in sd.items():
+        if v.is_floating_point() and not torch.all(torch.isfinite(v)):
+            raise CheckpointError(f"checkpoint {path}: parameter {k} contains NaN/Inf")
+    try:
+        circuit.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path}: model tensors do not match the circuit ({str(exc).splitlines()[0]})") from None
+    if device is not None:
+        circuit = circuit.to(device)
+    return circuit, ck
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, ck: Dict[str, Any]) -> None:
+    if ck.get("optimizer") is None or "optimizer" not in ck["meta"]:
+        return
+    try:
+        optimizer.load_state_dict(_optimizer_state(ck["optimizer"], ck["meta"]["optimizer"]))
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {ck['path']}: optimizer state does not fit ({exc})") from None

@@ -1,0 +1,369 @@
+"""The differentiable olfactory circuit: ORN -> PN -> KC (<-> APL) -> MBON -> DN.
+
+One hemisphere of the fly's olfactory pathway, built from connectome data:
+masked, sign-constrained (Dale's law) projections whose magnitudes are
+learned, LIF populations (snnTorch ``Leaky``) with one learnable decay per
+population and one learnable threshold per neuron. The dynamics are those of
+:mod:`dmn_neuro.semantics` (1-step delay per synaptic hop, zero reset).
+
+Two execution paths with identical semantics:
+
+* ``engine="snntorch"`` -- the reference: one :class:`~dmn_neuro.neurons.LIFCell`
+  call per population per step;
+* ``engine="fused"`` -- :mod:`dmn_neuro.engine` (layer-wise GEMMs, fused LIF
+  scans with hand-written backward); the default where it is available.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from connectome.adjacency_matrix import ConstrainedWeight
+
+from . import semantics
+from .errors import ConfigError, DMNError
+from .neurons import LIFCell
+from .spec import CircuitSpec, PopulationSpec, ProjectionSpec
+
+logger = logging.getLogger(__name__)
+
+POPULATION_ORDER: Tuple[str, ...] = ("ORN", "PN", "KC", "APL", "MBON", "DN")
+#: Projections the circuit uses when both ends are present (pre, post).
+CIRCUIT_PROJECTIONS: Tuple[Tuple[str, str], ...] = (
+    ("ORN", "PN"), ("PN", "KC"), ("KC", "APL"), ("APL", "KC"), ("KC", "MBON"), ("MBON", "DN"),
+)
+ENGINES = ("snntorch", "fused")
+#: Projections initialised from absolute synapse counts (``gain`` per unit of
+#: log1p(count)) instead of fan-in normalisation: a KC needs several coincident
+#: PN inputs to fire, and KCs with few claws get less drive (sparse coding).
+UNNORMALISED_PROJECTIONS = frozenset({"PN->KC"})
+
+#: Per-population physiology (tau_ms, threshold_mv, rest_mv) used when
+#: connectome/cell_types.yaml does not give a value.
+FALLBACK_NEURON_PARAMS: Dict[str, Tuple[float, float, float]] = {
+    "ORN": (10.0, -45.0, -60.0), "PN": (15.0, -45.0, -60.0), "KC": (8.0, -45.0, -60.0),
+    "APL": (50.0, -45.0, -60.0), "MBON": (15.0, -45.0, -60.0), "DN": (20.0, -45.0, -60.0),
+}
+#: Total input drive per postsynaptic neuron after fan-in normalisation, in
+#: units of that neuron's threshold (the initial operating point; learned).
+DEFAULT_PROJECTION_GAINS: Dict[str, float] = {
+    "ORN->PN": 1.05, "PN->KC": 0.12, "KC->APL": 20.0, "APL->KC": 0.5, "KC->MBON": 15.0, "MBON->DN": 1.0,
+}
+
+
+class CircuitState(NamedTuple):
+    """Explicit state of one circuit step: membranes and last step's spikes."""
+
+    mem: Dict[str, torch.Tensor]
+    spikes: Dict[str, torch.Tensor]
+
+
+@dataclass
+class CircuitStructure:
+    """Everything about the wiring that a checkpoint must hold to rebuild the circuit."""
+
+    layer_sizes: Dict[str, int]
+    projections: List[Tuple[str, str]]
+    provenance: Dict[str, str]
+    cell_types: Dict[str, List[str]]
+    root_ids: Dict[str, List[int]]
+    glomeruli: Dict[str, List[str]] = field(default_factory=dict)
+    source: str = "unknown"
+    version: str = "unknown"
+
+    def to_json(self) -> Dict[str, object]:
+        return {
+            "layer_sizes": self.layer_sizes, "projections": [list(p) for p in self.projections],
+            "provenance": self.provenance, "cell_types": self.cell_types, "root_ids": self.root_ids,
+            "glomeruli": self.glomeruli, "source": self.source, "version": self.version,
+        }
+
+    @classmethod
+    def from_json(cls, d: Dict[str, object]) -> "CircuitStructure":
+        try:
+            return cls(
+                layer_sizes={k: int(v) for k, v in d["layer_sizes"].items()},
+                projections=[tuple(p) for p in d["projections"]],
+                provenance=dict(d["provenance"]), cell_types={k: list(v) for k, v in d["cell_types"].items()},
+                root_ids={k: [int(i) for i in v] for k, v in d["root_ids"].items()},
+                glomeruli={k: list(v) for k, v in d.get("glomeruli", {}).items()},
+                source=str(d.get("source", "unknown")), version=str(d.get("version", "unknown")),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DMNError(f"circuit structure in checkpoint is malformed: {exc!r}") from None
+
+
+def _neuron_params(layers: Sequence[str]) -> Dict[str, Tuple[float, float, float]]:
+    """(tau_ms, threshold_mv, rest_mv) per layer from connectome/cell_types.yaml."""
+    out = dict(FALLBACK_NEURON_PARAMS)
+    try:
+        from connectome.config import load_cell_types
+    except ImportError:  # pragma: no cover - config module is part of the package
+        return out
+    cfg = load_cell_types()
+    for layer in layers:
+        p = cfg.neuron_params(layer)
+        out[layer] = (float(p.tau_m_ms), float(p.threshold_mv), float(p.rest_mv))
+    return out
+
+
+class DifferentiableOlfactoryCircuit(nn.Module):
+    """Connectome-constrained spiking circuit of one hemisphere.
+
+    Args:
+        connectivity_data: an ``OlfactoryCircuitData`` from
+            :meth:`connectome.fetch_data.FlyWireConnectome.fetch_olfactory_circuit`
+            (or ``None`` together with ``structure`` when restoring a checkpoint).
+        dt_ms: simulation step.
+        learnable_tau, learnable_threshold: what training may change besides weights.
+        surrogate, surrogate_slope: surrogate gradient of the spike.
+        projection_gains: initial total drive per postsynaptic neuron, in
+            thresholds, per ``"PRE->POST"`` (defaults :data:`DEFAULT_PROJECTION_GAINS`).
+        neuron_params: ``{layer: (tau_ms, threshold_mv, rest_mv)}`` overrides.
+        engine: ``"fused"`` (default) or ``"snntorch"`` (reference).
+        device: where the parameters live.
+    """
+
+    def __init__(
+        self,
+        connectivity_data=None,
+        dt_ms: float = semantics.DEFAULT_DT_MS,
+        learnable_tau: bool = True,
+        learnable_threshold: bool = True,
+        surrogate: str = "fast_sigmoid",
+        surrogate_slope: float = 5.0,
+        projection_gains: Optional[Dict[str, float]] = None,
+        neuron_params: Optional[Dict[str, Tuple[float, float, float]]] = None,
+        engine: str = "fused",
+        device: Optional[torch.device | str] = None,
+        structure: Optional[CircuitStructure] = None,
+        init: str = "log",
+    ) -> None:
+        super().__init__()
+        if engine not in ENGINES:
+            raise ConfigError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+        self.engine = engine
+        self.semantics = semantics.NeuronSemantics(dt_ms=dt_ms)
+        self.surrogate = surrogate
+        self.surrogate_slope = float(surrogate_slope)
+        gains = dict(DEFAULT_PROJECTION_GAINS)
+        for key, val in (projection_gains or {}).items():
+            if key not in gains:
+                raise ConfigError(f"unknown projection {key!r} in projection_gains; known: {sorted(gains)}")
+            gains[key] = float(val)
+        if structure is None:
+            if connectivity_data is None:
+                raise ConfigError("DifferentiableOlfactoryCircuit needs connectivity_data (or a structure)")
+            structure = self._structure_from_data(connectivity_data)
+        self.structure = structure
+        layers = [p for p in POPULATION_ORDER if p in structure.layer_sizes]
+        for required in ("ORN", "DN"):
+            if required not in layers:
+                raise ConfigError(f"circuit needs layer {required}; data has {layers}")
+        self.population_names: List[str] = layers
+        params = _neuron_params(layers)
+        params.update(neuron_params or {})
+        self.neuron_params = {k: params[k] for k in layers}
+        self.cells = nn.ModuleDict()
+        for name in layers:
+            tau, thr_mv, rest_mv = params[name]
+            self.cells[name] = LIFCell(
+                structure.layer_sizes[name], tau_ms=tau, threshold_mv=thr_mv, rest_mv=rest_mv, learnable_tau=learnable_tau,
+                learnable_threshold=learnable_threshold, dt_ms=dt_ms, surrogate=surrogate,
+                slope=surrogate_slope, device=device, name=name,
+            )
+        self.weights = nn.ModuleDict()
+        for pre, post in structure.projections:
+            key = f"{pre}->{post}"
+            n_pre, n_post = structure.layer_sizes[pre], structure.layer_sizes[post]
+            if connectivity_data is not None:
+                from connectome.adjacency_matrix import AdjacencyMatrixGenerator
+
+                thr_post = semantics.normalise_threshold(params[post][1], params[post][2])
+                w, _mask = AdjacencyMatrixGenerator().create_weight_matrix(
+                    connectivity_data, pre, post, normalize=key not in UNNORMALISED_PROJECTIONS,
+                    learnable=True, init=init,
+                    gain=gains.get(key, 1.0) * thr_post,
+                )
+            else:  # placeholder, filled by load_state_dict
+                w = ConstrainedWeight(torch.zeros(n_post, n_pre), torch.ones(n_pre), torch.zeros(n_post, n_pre, dtype=torch.bool))
+            self.weights[self._wkey(pre, post)] = w.to(device) if device is not None else w
+        self.projection_pairs: List[Tuple[str, str]] = list(structure.projections)
+        self.input_population = "ORN"
+        self.output_population = "DN"
+
+    # -- construction helpers ------------------------------------------------
+    @staticmethod
+    def _wkey(pre: str, post: str) -> str:
+        return f"{pre}_to_{post}"
+
+    @staticmethod
+    def _structure_from_data(data) -> CircuitStructure:
+        sizes = {k: int(v) for k, v in data.layer_sizes.items() if k in POPULATION_ORDER and int(v) > 0}
+        projections = [(a, b) for a, b in CIRCUIT_PROJECTIONS if a in sizes and b in sizes]
+        prov = {f"{a}->{b}": str(data.provenance(a, b)) for a, b in projections}
+        cell_types, root_ids, glomeruli = {}, {}, {}
+        for layer in sizes:
+            neurons = data.layer_neurons(layer)
+            cell_types[layer] = [str(n.cell_type) for n in neurons]
+            root_ids[layer] = [int(n.id) for n in neurons]
+            glomeruli[layer] = [str(getattr(n, "glomerulus", "") or "") for n in neurons]
+        return CircuitStructure(sizes, projections, prov, cell_types, root_ids, glomeruli,
+                                source=str(data.source), version=str(data.version))
+
+    @classmethod
+    def from_connectome(
+        cls, source: str = "flywire_v783_mb", cache_dir=None, use_cache: bool = True,
+        source_options: Optional[Dict[str, object]] = None, **kwargs,
+    ) -> "DifferentiableOlfactoryCircuit":
+        """Build the circuit from a connectome source (bundled FlyWire v783 by default)."""
+        from connectome.fetch_data import FlyWireConnectome
+
+        data = FlyWireConnectome(use_cache=use_cache, cache_dir=cache_dir).fetch_olfactory_circuit(
+            include_layers=list(POPULATION_ORDER), source=source, **(source_options or {}),
+        )
+        return cls(data, **kwargs)
+
+    # -- views used by the engine, exporters and losses ----------------------
+    def weight(self, pre: str, post: str) -> ConstrainedWeight:
+        return self.weights[self._wkey(pre, post)]
+
+    def population_params(self) -> List[Dict[str, object]]:
+        return [{"name": n, "beta": self.cells[n].beta, "threshold": self.cells[n].threshold} for n in self.population_names]
+
+    def projection_weights(self) -> List[Dict[str, object]]:
+        return [{"pre": a, "post": b, "weight": self.weight(a, b)()} for a, b in self.projection_pairs]
+
+    @property
+    def n_orn(self) -> int:
+        return self.structure.layer_sizes["ORN"]
+
+    @property
+    def n_dn(self) -> int:
+        return self.structure.layer_sizes["DN"]
+
+    @property
+    def orn_glomeruli(self) -> List[str]:
+        return list(self.structure.glomeruli.get("ORN", []))
+
+    def check_finite(self) -> None:
+        """Raise a one-line error if any parameter is NaN/Inf (e.g. after a bad update)."""
+        for name, p in self.named_parameters():
+            if not torch.all(torch.isfinite(p)):
+                raise DMNError(f"parameter {name} contains NaN/Inf")
+
+    # -- dynamics ------------------------------------------------------------
+    def init_state(self, batch_size: int, like: Optional[torch.Tensor] = None) -> CircuitState:
+        ref = like if like is not None else next(self.parameters())
+        z = {n: torch.zeros(batch_size, self.structure.layer_sizes[n], device=ref.device, dtype=ref.dtype)
+             for n in self.population_names}
+        return CircuitState(mem=dict(z), spikes={k: v.clone() for k, v in z.items()})
+
+    def step_parameters(self) -> Dict[str, object]:
+        """Parameters resolved once per rollout (weights, decays, thresholds)."""
+        return {
+            "beta": {n: self.cells[n].beta for n in self.population_names},
+            "threshold": {n: self.cells[n].threshold for n in self.population_names},
+            "weight_t": {(a, b): self.weight(a, b)().t() for a, b in self.projection_pairs},
+        }
+
+    def step(self, x_t: torch.Tensor, state: CircuitState, params: Optional[Dict[str, object]] = None) -> Tuple[Dict[str, torch.Tensor], CircuitState]:
+        """One step of all populations. ``x_t``: ORN input current ``[B, n_orn]``.
+
+        Each projection reads the presynaptic spikes of the previous step
+        (``state.spikes``), as :mod:`dmn_neuro.semantics` prescribes.
+        """
+        p = params if params is not None else self.step_parameters()
+        currents = {n: None for n in self.population_names}
+        currents[self.input_population] = x_t
+        for (pre, post), wt in p["weight_t"].items():
+            c = state.spikes[pre] @ wt
+            currents[post] = c if currents[post] is None else currents[post] + c
+        new_mem, new_spk = {}, {}
+        for n in self.population_names:
+            cur = currents[n] if currents[n] is not None else torch.zeros_like(state.mem[n])
+            if self.engine == "fused":
+                from .engine import lif_step
+
+                s, v = lif_step(cur, state.mem[n], p["beta"][n], p["threshold"][n], self.surrogate, self.surrogate_slope)
+            else:
+                s, v = self.cells[n](cur, state.mem[n], beta=p["beta"][n], threshold=p["threshold"][n])
+            new_mem[n], new_spk[n] = v, s
+        return new_spk, CircuitState(new_mem, new_spk)
+
+    def forward(self, odor_input: torch.Tensor, return_activations: bool = True, engine: Optional[str] = None):
+        """Open-loop run on ORN input currents ``[T, B, n_orn]``.
+
+        Returns the DN spikes ``[T, B, n_dn]``, and with ``return_activations``
+        a dict ``{"spikes": {population: [T,B,n]}, "membranes": {...}}``
+        (membranes only on the reference path).
+        """
+        if odor_input.ndim != 3 or odor_input.shape[-1] != self.n_orn:
+            raise ConfigError(f"odor_input must be [T, batch, {self.n_orn}], got {list(odor_input.shape)}")
+        engine = engine or self.engine
+        if engine == "fused":
+            from .engine import run_layered
+
+            spikes = run_layered(
+                odor_input, self.population_params(), self.projection_weights(),
+                surrogate=self.surrogate, slope=self.surrogate_slope, input_population=self.input_population,
+            )
+            mems: Dict[str, torch.Tensor] = {}
+        else:
+            state = self.init_state(odor_input.shape[1], like=odor_input)
+            params = self.step_parameters()
+            rec_s = {n: [] for n in self.population_names}
+            rec_v = {n: [] for n in self.population_names}
+            saved_engine, self.engine = self.engine, "snntorch"
+            try:
+                for x_t in odor_input.unbind(0):
+                    spk, state = self.step(x_t, state, params)
+                    for n in self.population_names:
+                        rec_s[n].append(spk[n])
+                        rec_v[n].append(state.mem[n])
+            finally:
+                self.engine = saved_engine
+            spikes = {n: torch.stack(v) for n, v in rec_s.items()}
+            mems = {n: torch.stack(v) for n, v in rec_v.items()}
+        dn = spikes[self.output_population]
+        if not return_activations:
+            return dn
+        return dn, {"spikes": spikes, "membranes": mems}
+
+    # -- export --------------------------------------------------------------
+    def to_spec(self, metadata: Optional[Dict[str, object]] = None) -> CircuitSpec:
+        """Framework-neutral description with the learned parameters (float64)."""
+        with torch.no_grad():
+            pops = []
+            for n in self.population_names:
+                cell = self.cells[n]
+                pops.append(PopulationSpec(
+                    name=n, n=cell.n_neurons, beta=float(cell.beta.double().cpu()),
+                    threshold=cell.threshold.double().cpu().numpy(),
+                    cell_types=self.structure.cell_types.get(n, [n] * cell.n_neurons),
+                    root_ids=np.asarray(self.structure.root_ids.get(n, [-1] * cell.n_neurons), dtype=np.int64),
+                    provenance="model" if n in ("ORN", "DN") else self.structure.source,
+                ))
+            projs = [
+                ProjectionSpec(pre=a, post=b, weight=self.weight(a, b)().double().cpu().numpy(),
+                               provenance=self.structure.provenance.get(f"{a}->{b}", "model"))
+                for a, b in self.projection_pairs
+            ]
+        meta = {"dataset": self.structure.source, "version": self.structure.version,
+                "orn_glomeruli": self.orn_glomeruli, "surrogate": self.surrogate}
+        meta.update(metadata or {})
+        return CircuitSpec(pops, projs, self.semantics, self.input_population, self.output_population, meta)
+
+    def config_dict(self) -> Dict[str, object]:
+        """Constructor arguments needed to rebuild this circuit (checkpoint JSON)."""
+        return {
+            "dt_ms": self.semantics.dt_ms, "surrogate": self.surrogate, "surrogate_slope": self.surrogate_slope,
+            "engine": self.engine, "neuron_params": {k: list(v) for k, v in self.neuron_params.items()},
+            "learnable_tau": isinstance(self.cells[self.population_names[0]].raw_beta, nn.Parameter),
+            "learnable_threshold": isinstance(self.cells[self.population_names[0]].raw_threshold, nn.Parameter),
+        }

@@ -1,0 +1,147 @@
+"""``dmn-neuro train`` / ``evaluate`` / ``run``."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from .errors import CheckpointError, ConfigError, DMNError
+
+logger = logging.getLogger(__name__)
+
+
+def _load_config(config_path: Optional[str], **overrides):
+    from .config import TrainingConfig
+
+    cfg = TrainingConfig.from_yaml(config_path) if config_path else TrainingConfig()
+    return cfg.replace(**overrides)
+
+
+@click.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML training config (keys = TrainingConfig fields).")
+@click.option("--source", default=None, help="Connectome source (flywire_v783_mb, hemibrain_v1.2.1_mb, codex:DIR, synthetic).")
+@click.option("--episodes", type=int, default=None, help="Training episodes (optimiser steps); 0 writes the untrained checkpoint.")
+@click.option("--steps", type=int, default=None, help="Override episode_length_steps.")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
+@click.option("--engine", type=click.Choice(["fused", "snntorch"]), default=None)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last if it exists.")
+@click.option("--eval-episodes", type=int, default=20, show_default=True, help="Held-out episodes for the before/after figure and summary.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory.")
+def train(config_path, source, episodes, steps, batch_size, seed, device, engine, resume, eval_episodes, out_dir):
+    """Train the circuit by BPTT in the odor arena.
+
+    Writes OUT/metrics.jsonl, OUT/checkpoints/{last,best}, OUT/config.yaml,
+    OUT/loss_curves.png, OUT/trajectories_before_after.png and OUT/summary.json.
+    """
+    import torch
+    import yaml
+
+    from . import plots
+    from .training import DMNTrainer, build_components, evaluate_agent
+
+    cfg = _load_config(config_path, source=source, num_episodes=episodes, episode_length_steps=steps,
+                       batch_size=batch_size, seed=seed, device=device, engine=engine)
+    out = Path(out_dir)
+    torch.manual_seed(cfg.seed)
+    circuit, encoder, arena, agent, loss_fn = build_components(cfg)
+    trainer = DMNTrainer(circuit, loss_fn, cfg, environment=arena, encoder=encoder)
+    last = out / "checkpoints" / "last"
+    if resume and last.exists():
+        trainer.load_checkpoint(last)
+        click.echo(f"resumed from {last} at episode {trainer.episode}", err=True)
+    elif out.exists() and (out / "metrics.jsonl").exists() and not resume:
+        raise ConfigError(f"run directory {out} already holds a run; use --resume or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    before = None
+    if eval_episodes and trainer.episode == 0:
+        before = evaluate_agent(agent, cfg, eval_episodes, seed=cfg.seed + 777, device=trainer.device, return_rollouts=True)
+    remaining = max(cfg.num_episodes - trainer.episode, 0)
+    if trainer.episode == 0:
+        trainer.save_checkpoint(out / "checkpoints" / "untrained")
+    with click.progressbar(length=remaining, label="training", file=sys.stderr, show_pos=True,
+                           item_show_func=lambda r: None if r is None else f"loss {r['total']:.3f} succ {r['success_rate']:.2f}") as bar:
+        def progress(rec):
+            bar.update(1, rec)
+
+        if remaining:
+            trainer.train_episode(remaining, out_dir=out, progress=progress)
+    trainer.save_checkpoint(out / "checkpoints" / "last")
+    if not (out / "checkpoints" / "best").exists():
+        trainer.save_checkpoint(out / "checkpoints" / "best")
+    summary = {"episodes": trainer.episode, "config": cfg.to_dict()}
+    if eval_episodes:
+        after = evaluate_agent(agent, cfg, eval_episodes, seed=cfg.seed + 777, device=trainer.device, return_rollouts=True)
+        if before is not None:
+            plots.trajectories_before_after(before.pop("rollouts"), after["rollouts"], arena, out / "trajectories_before_after.png")
+            summary["before"] = before
+        after.pop("rollouts")
+        summary["after"] = after
+    if (out / "metrics.jsonl").exists():
+        plots.loss_curves(out / "metrics.jsonl", out / "loss_curves.png")
+    plots.write_json(out / "summary.json", summary)
+    click.echo(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--episodes", type=int, default=50, show_default=True, help="Held-out episodes.")
+@click.option("--seed", type=int, default=12345, show_default=True, help="Seed of the held-out source positions and start poses.")
+@click.option("--steps", type=int, default=None, help="Episode length (default: the checkpoint's training length).")
+@click.option("--odor-removed", is_flag=True, help="Control: concentration forced to zero.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Where to write the figure and JSON (default CHECKPOINT_eval).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate(checkpoint, episodes, seed, steps, odor_removed, device, out_dir, as_json):
+    """Success rate and trajectory metrics of a checkpoint on held-out episodes."""
+    from . import plots
+    from .checkpoint import load_circuit
+    from .config import TrainingConfig, resolve_device
+    from .training import build_components, evaluate_agent
+
+    if episodes <= 0:
+        raise ConfigError(f"--episodes must be positive, got {episodes}")
+    dev = resolve_device(device)
+    circuit, ck = load_circuit(checkpoint, device=dev)
+    cfg = TrainingConfig.from_dict(ck["meta"]["config"]).replace(device=device)
+    _, _, arena, agent, _ = build_components(cfg, circuit=circuit, device=dev)
+    res = evaluate_agent(agent, cfg, episodes, seed=seed, odor_removed=odor_removed, episode_length=steps,
+                         device=dev, return_rollouts=True)
+    rollouts = res.pop("rollouts")
+    res["checkpoint"] = str(checkpoint)
+    out = Path(out_dir) if out_dir else Path(str(Path(checkpoint)).rstrip("/") + "_eval")
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "odor_removed" if odor_removed else "evaluation"
+    plots.trajectories(rollouts, arena, out / f"{tag}_trajectories.png",
+                       title=f"{Path(checkpoint).name}: success {res['success_rate']:.0%} ({episodes} held-out episodes)")
+    plots.write_json(out / f"{tag}.json", res)
+    if as_json:
+        click.echo(json.dumps(res))
+    else:
+        for k, v in res.items():
+            click.echo(f"{k:32s} {v}")
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False), help="ORN input .npy [T, batch, n_orn].")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Output .npz (keys = population names).")
+@click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True)
+def run(checkpoint, input_path, out_path, dtype):
+    """Run the trained circuit open loop on an ORN input array; write every population's spikes."""
+    import torch
+
+    from .checkpoint import load_circuit
+    from .inference import load_input_array, run_open_loop, save_spikes
+
+    circuit, _ = load_circuit(checkpoint)
+    x = load_input_array(input_path, circuit.n_orn)
+    spikes = run_open_loop(circuit, x, dtype=getattr(torch, dtype))
+    save_spikes(out_path, spikes)
+    click.echo(json.dumps({k: int(v.sum()) for k, v in spikes.items()}))

@@ -1,0 +1,96 @@
+"""Figures and JSON written next to results (atomic writes, Agg backend)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    _plt().close(fig)
+    return path
+
+
+def write_json(path: os.PathLike, obj: Dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    os.replace(tmp, path)
+    return path
+
+
+def loss_curves(metrics_jsonl: os.PathLike, path: os.PathLike) -> Path:
+    recs = [json.loads(l) for l in Path(metrics_jsonl).read_text().splitlines() if l.strip()]
+    plt = _plt()
+    keys = [k for k in ("total", "navigation", "energy", "sparsity", "activity") if recs and k in recs[0]]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    ep = [r["episode"] for r in recs]
+    for k in keys:
+        axes[0].plot(ep, [r[k] for r in recs], label=k)
+    axes[0].set_yscale("symlog", linthresh=1e-3)
+    axes[0].set_xlabel("training episode")
+    axes[0].set_title("loss terms")
+    axes[0].legend(fontsize=7)
+    axes[1].plot(ep, [r.get("final_distance_mm", np.nan) for r in recs], color="C3")
+    axes[1].set_xlabel("training episode")
+    axes[1].set_ylabel("mm")
+    axes[1].set_title("final distance to source (training batch)")
+    axes[2].plot(ep, [r.get("success_rate", np.nan) for r in recs], label="success rate")
+    axes[2].plot(ep, [r.get("kc_sparsity", np.nan) for r in recs], label="KC sparsity")
+    axes[2].set_ylim(-0.02, 1.02)
+    axes[2].set_xlabel("training episode")
+    axes[2].legend(fontsize=7)
+    return _save(fig, Path(path))
+
+
+def _draw(ax, ro, arena, title: str, max_episodes: int = 25) -> None:
+    pos = ro.positions.detach().cpu().numpy()
+    src = ro.source.detach().cpu().numpy()
+    r = float(arena.success_radius)
+    w, h = arena.config.arena_size_mm
+    for b in range(min(pos.shape[1], max_episodes)):
+        d = np.linalg.norm(pos[-1, b, :2] - src[b, :2])
+        color = "C2" if d <= r else "C3"
+        ax.plot(pos[:, b, 0], pos[:, b, 1], color=color, lw=0.8, alpha=0.8)
+        ax.plot(pos[0, b, 0], pos[0, b, 1], "o", color="k", ms=2)
+        ax.add_patch(_plt().Circle(src[b, :2], r, fill=False, color="C0", lw=0.6))
+        ax.plot([pos[0, b, 0], src[b, 0]], [pos[0, b, 1], src[b, 1]], ":", color="0.7", lw=0.4)
+    ax.set_xlim(0, w)
+    ax.set_ylim(0, h)
+    ax.set_aspect("equal")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("x (mm)")
+    ax.set_ylabel("y (mm)")
+
+
+def trajectories(rollouts: Sequence, arena, path: os.PathLike, title: str = "") -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 6))
+    _draw(ax, rollouts[0], arena, title or "trajectories (green: success, blue circle: success radius)")
+    return _save(fig, Path(path))
+
+
+def trajectories_before_after(before: List, after: List, arena, path: os.PathLike) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6))
+    _draw(axes[0], before[0], arena, "before training (untrained circuit)")
+    _draw(axes[1], after[0], arena, "after training")
+    return _save(fig, Path(path))

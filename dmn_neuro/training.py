@@ -1,0 +1,260 @@
+"""BPTT training of the olfactory circuit in the closed-loop odor arena.
+
+Determinism: the randomness of training episode ``k`` (source positions, start
+poses, odor identities, Poisson input) comes from a generator seeded with
+``(config.seed, k)`` alone, so a run resumed from a checkpoint continues
+exactly as the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .agent import NavigationAgent, Rollout
+from .config import TrainingConfig, resolve_device
+from .errors import TrainingError
+
+logger = logging.getLogger(__name__)
+
+TRAIN_STREAM = 0
+EVAL_STREAM = 1
+
+
+def episode_generator(seed: int, episode: int, stream: int = TRAIN_STREAM) -> torch.Generator:
+    """CPU generator for one episode, a pure function of (seed, episode, stream)."""
+    g = torch.Generator()
+    g.manual_seed((int(seed) * 1_000_003 + int(episode) * 7919 + stream * 104_729) % (2**63 - 1))
+    return g
+
+
+def build_components(config: TrainingConfig, circuit=None, device=None):
+    """Circuit, encoder, arena, agent and loss from a config (the CLI and tests use this)."""
+    from .arena import ArenaConfig, OdorArena
+    from .circuit import DifferentiableOlfactoryCircuit
+    from .losses import CombinedLoss
+    from .odors import OdorEncoder
+
+    device = device or resolve_device(config.device)
+    if circuit is None:
+        circuit = DifferentiableOlfactoryCircuit.from_connectome(
+            source=config.source, source_options=config.source_options, dt_ms=config.dt_ms,
+            learnable_tau=config.learnable_tau, learnable_threshold=config.learnable_threshold,
+            surrogate=config.surrogate, surrogate_slope=config.surrogate_slope,
+            projection_gains=config.projection_gains, engine=config.engine,
+        )
+    circuit = circuit.to(device)
+    enc_kw: Dict[str, Any] = {"dt_ms": config.dt_ms, "encoding": config.encoding}
+    if config.current_per_hz is not None:
+        enc_kw["current_per_hz"] = config.current_per_hz
+    encoder = OdorEncoder(circuit.orn_glomeruli, odors=list(config.odors) or None, **enc_kw).to(device)
+    arena_kw = dict(config.arena)
+    if config.odors:
+        arena_kw.setdefault("odors", tuple(config.odors))
+    arena = OdorArena(ArenaConfig(**arena_kw), dt_ms=config.dt_ms, encoder=encoder)
+    agent = NavigationAgent(circuit, encoder, arena, config.contralateral_fraction)
+    loss_fn = CombinedLoss(
+        navigation_weight=config.navigation_weight, energy_weight=config.energy_weight,
+        sparsity_weight=config.sparsity_weight, activity_weight=config.activity_weight,
+        goal_position=tuple(arena.config.goal_mm), kc_sparsity_target=config.kc_sparsity_target, dt_ms=config.dt_ms,
+    )
+    return circuit, encoder, arena, agent, loss_fn
+
+
+class DMNTrainer:
+    """Trains a circuit by BPTT through the closed loop.
+
+    Args:
+        circuit: the :class:`DifferentiableOlfactoryCircuit` to train.
+        loss_fn: a :class:`~dmn_neuro.losses.CombinedLoss`.
+        config: :class:`TrainingConfig`.
+        environment: the :class:`~dmn_neuro.arena.OdorArena` (built from the config if omitted).
+        encoder: the :class:`~dmn_neuro.odors.OdorEncoder` (built from the config if omitted).
+    """
+
+    def __init__(self, circuit, loss_fn, config: TrainingConfig, environment=None, encoder=None) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        if environment is None or encoder is None:
+            _, enc, env, _, _ = build_components(config, circuit=circuit, device=self.device)
+            environment = environment or env
+            encoder = encoder or enc
+        self.circuit = circuit.to(self.device)
+        self.loss_fn = loss_fn
+        self.environment = environment
+        self.encoder = encoder
+        self.agent = NavigationAgent(self.circuit, encoder, environment, config.contralateral_fraction)
+        self.optimizer = self._make_optimizer()
+        self.episode = 0
+        self.loss_history: List[Dict[str, float]] = []
+        self.best_loss = math.inf
+        self.last_good_path: Optional[Path] = None
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.circuit.parameters() if p.requires_grad]
+        lr = self.config.learning_rate
+        if self.config.optimizer == "adam":
+            return torch.optim.Adam(params, lr=lr)
+        if self.config.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+    # -- rollouts ------------------------------------------------------------
+    def rollout_episode(
+        self, episode_length: Optional[int] = None, batch_size: Optional[int] = None, seed: Optional[int] = None,
+        episode: Optional[int] = None, stream: int = EVAL_STREAM, odor_removed: bool = False, grad: bool = False,
+    ) -> Rollout:
+        """Simulate a batch of arena episodes (no gradient unless ``grad``)."""
+        T = int(episode_length or self.config.episode_length_steps)
+        B = int(batch_size or self.config.batch_size)
+        g = episode_generator(self.config.seed if seed is None else seed, self.episode if episode is None else episode, stream)
+        with torch.set_grad_enabled(grad):
+            return self.agent.rollout(B, T, g, device=self.device, odor_removed=odor_removed,
+                                      tbptt_window=self.config.tbptt_window if grad else None)
+
+    def compute_loss(self, ro: Rollout) -> Dict[str, torch.Tensor]:
+        return self.loss_fn(ro.positions[1:], ro.velocities, ro.activations, goal=ro.source, start_positions=ro.start)
+
+    # -- training ------------------------------------------------------------
+    def train_episode(
+        self, num_episodes: int = 1, out_dir: Optional[os.PathLike] = None,
+        progress: Optional[Callable[[Dict[str, float]], None]] = None,
+    ) -> List[Dict[str, float]]:
+        """Run ``num_episodes`` optimiser steps; returns their loss records.
+
+        With ``out_dir``: appends per-episode metrics to ``metrics.jsonl`` and
+        writes ``checkpoints/last`` every ``checkpoint_every`` episodes and
+        ``checkpoints/best`` on improvement. A NaN/Inf loss or gradient stops
+        training with :class:`TrainingError`; the last good checkpoint stays.
+        """
+        out = Path(out_dir) if out_dir is not None else None
+        records: List[Dict[str, float]] = []
+        for _ in range(int(num_episodes)):
+            t0 = time.perf_counter()
+            self.circuit.train()
+            ro = self.rollout_episode(episode=self.episode, stream=TRAIN_STREAM, grad=True)
+            terms = self.compute_loss(ro)
+            total = terms["total"]
+            if not torch.isfinite(total):
+                raise TrainingError(self._nan_message("loss", self.episode))
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            grads = [p.grad for p in self.circuit.parameters() if p.grad is not None]
+            if any(not torch.all(torch.isfinite(g)) for g in grads):
+                raise TrainingError(self._nan_message("gradient", self.episode))
+            if self.config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.circuit.parameters(), self.config.grad_clip)
+            self.optimizer.step()
+            self.circuit.check_finite()
+            rec = {k: float(v.detach()) for k, v in terms.items()}
+            with torch.no_grad():
+                d_final = (ro.positions[-1, :, :2] - ro.source[:, :2]).norm(dim=-1)
+                rec["final_distance_mm"] = float(d_final.mean())
+                rec["success_rate"] = float((d_final <= self.environment.success_radius).float().mean())
+                rec["kc_sparsity"] = float(self.loss_fn.kc_population_sparsity(ro.activations["KC"]))
+            rec["episode"] = self.episode
+            rec["seconds"] = time.perf_counter() - t0
+            self.episode += 1
+            self.loss_history.append({"episode": rec["episode"], "total": rec["total"]})
+            records.append(rec)
+            if progress is not None:
+                progress(rec)
+            if out is not None:
+                self._log_metrics(out, rec)
+                if rec["total"] < self.best_loss:
+                    self.best_loss = rec["total"]
+                    self.save_checkpoint(out / "checkpoints" / "best")
+                if self.episode % self.config.checkpoint_every == 0:
+                    self.save_checkpoint(out / "checkpoints" / "last")
+        return records
+
+    def _nan_message(self, what: str, episode: int) -> str:
+        where = f"; last good checkpoint: {self.last_good_path}" if self.last_good_path else ""
+        return f"training stopped: {what} became NaN/Inf at episode {episode}{where}"
+
+    @staticmethod
+    def _log_metrics(out: Path, rec: Dict[str, float]) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+    # -- checkpoints ---------------------------------------------------------
+    def save_checkpoint(self, path: os.PathLike, metrics: Optional[Dict[str, Any]] = None) -> Path:
+        rng = {"torch_cpu": torch.get_rng_state()}
+        p = ckpt.save_checkpoint(path, self.circuit, self.config, self.episode, self.optimizer,
+                                 self.loss_history, metrics, rng, extra={"best_loss": self.best_loss})
+        self.last_good_path = p
+        return p
+
+    def load_checkpoint(self, path: os.PathLike) -> None:
+        """Restore model, optimiser, episode counter, loss history and RNG state."""
+        circuit, ck = ckpt.load_circuit(path, device=self.device, engine=self.circuit.engine)
+        self.circuit.load_state_dict(circuit.state_dict())
+        ckpt.restore_optimizer(self.optimizer, ck)
+        meta = ck["meta"]
+        self.episode = int(meta.get("episode", 0))
+        self.loss_history = list(meta.get("loss_history", []))
+        self.best_loss = float(meta.get("extra", {}).get("best_loss", math.inf))
+        if ck.get("rng") and "torch_cpu" in ck["rng"]:
+            torch.set_rng_state(ck["rng"]["torch_cpu"])
+        self.last_good_path = Path(path)
+
+    # -- evaluation ----------------------------------------------------------
+    def evaluate(self, n_episodes: int = 50, seed: int = 12345, odor_removed: bool = False,
+                 episode_length: Optional[int] = None, batch_size: int = 25) -> Dict[str, Any]:
+        """Held-out episodes (stream EVAL, a seed not used in training)."""
+        return evaluate_agent(self.agent, self.config, n_episodes, seed, odor_removed, episode_length, batch_size,
+                              device=self.device)
+
+
+def evaluate_agent(agent: NavigationAgent, config: TrainingConfig, n_episodes: int = 50, seed: int = 12345,
+                   odor_removed: bool = False, episode_length: Optional[int] = None, batch_size: int = 25,
+                   device=None, return_rollouts: bool = False) -> Dict[str, Any]:
+    from .losses import TrajectoryAnalyzer
+
+    T = int(episode_length or config.episode_length_steps)
+    analyzer = TrajectoryAnalyzer()
+    radius = agent.arena.success_radius
+    finals, means, succ, sparsity, rollouts = [], [], [], [], []
+    done, chunk = 0, 0
+    agent.circuit.eval()
+    while done < n_episodes:
+        b = min(batch_size, n_episodes - done)
+        g = episode_generator(seed, chunk, EVAL_STREAM)
+        with torch.no_grad():
+            ro = agent.rollout(b, T, g, device=device, odor_removed=odor_removed)
+        m = analyzer.compute_trajectory_metrics(ro.positions, ro.velocities, ro.source, success_radius_mm=radius,
+                                                dt_ms=config.dt_ms)
+        finals.append(np.atleast_1d(np.asarray(m["final_distance_to_goal"], dtype=float)))
+        means.append(np.atleast_1d(np.asarray(m["mean_distance_to_goal"], dtype=float)))
+        succ.append(np.atleast_1d(np.asarray(m["success"], dtype=float)))
+        sparsity.append(float(agent_loss_sparsity(ro)))
+        if return_rollouts:
+            rollouts.append(ro)
+        done += b
+        chunk += 1
+    finals_a, succ_a = np.concatenate(finals), np.concatenate(succ)
+    out = {
+        "n_episodes": int(n_episodes), "seed": int(seed), "odor_removed": bool(odor_removed), "episode_length_steps": T,
+        "success_radius_mm": float(radius), "success_rate": float(succ_a.mean()),
+        "final_distance_to_goal_mean": float(finals_a.mean()),
+        "mean_distance_to_goal_mean": float(np.concatenate(means).mean()),
+        "kc_sparsity": float(np.mean(sparsity)), "kc_sparsity_target": float(config.kc_sparsity_target),
+    }
+    if return_rollouts:
+        out["rollouts"] = rollouts
+    return out
+
+
+def agent_loss_sparsity(ro: Rollout) -> float:
+    from .losses import kc_population_sparsity
+
+    return float(kc_population_sparsity(ro.activations["KC"]))
