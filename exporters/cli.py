@@ -1,0 +1,186 @@
+"""``dmn-neuro export`` and ``dmn-neuro verify``.
+
+``verify`` drives the trained PyTorch circuit (float64, reference snnTorch
+path) and the exported model with the same ORN input built from real Hallem &
+Carlson odor responses, compares the spikes of every population, and exits 0
+only within the target's tolerance (:data:`exporters.verify.TOLERANCES`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import click
+import numpy as np
+
+from dmn_neuro.errors import ConfigError, ExportError
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("nir", "lava")
+TARGETS = ("nir", "lava", "lava-fixed")
+#: Concentrations cycled over the verification odors (fraction of the Hallem 10^-2 dilution).
+VERIFY_CONCENTRATIONS = (0.05, 0.3, 1.0)
+
+
+def _load(checkpoint):
+    from dmn_neuro.checkpoint import load_circuit
+    from dmn_neuro.config import TrainingConfig
+
+    circuit, ck = load_circuit(checkpoint)
+    cfg = TrainingConfig.from_dict(ck["meta"]["config"]).replace(device="cpu")
+    return circuit, cfg, ck
+
+
+def verification_input(circuit, cfg, odors: Sequence[str], steps: int) -> np.ndarray:
+    """ORN input ``[steps, len(odors) * len(VERIFY_CONCENTRATIONS), n_orn]``: each
+    odor at several concentrations, with the checkpoint's own encoder."""
+    import torch
+
+    from dmn_neuro.odors import static_odor_input
+    from dmn_neuro.training import build_components
+
+    _, encoder, _, _, _ = build_components(cfg.replace(odors=[]), circuit=circuit, device=torch.device("cpu"))
+    xs = [np.asarray(static_odor_input(encoder, list(odors), steps, concentration=c), dtype=np.float64)
+          for c in VERIFY_CONCENTRATIONS]
+    return np.concatenate(xs, axis=1)
+
+
+def default_odors(cfg) -> list:
+    from dmn_neuro.arena import ArenaConfig
+
+    trained = list(cfg.odors) or list(ArenaConfig(**cfg.arena).odors)
+    extra = [o for o in ("ethyl acetate", "1-hexanol", "benzaldehyde") if o not in trained]
+    return (trained + extra)[:4]
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--format", "fmt", required=True, type=click.Choice(FORMATS), help="nir: one .nir file; lava: a Lava process-graph directory.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(), help="Output file (nir) or directory (lava).")
+@click.option("--fixed-point", is_flag=True, help="lava: quantise to Loihi 2 fixed point (8-bit weights, 12-bit decays) and write netx HDF5.")
+@click.option("--weight-bits", type=int, default=8, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object describing what was written.")
+def export(checkpoint, fmt, out, fixed_point, weight_bits, as_json):
+    """Export a trained circuit to NIR or to a Lava process graph."""
+    circuit, cfg, ck = _load(checkpoint)
+    spec = circuit.to_spec(metadata={"checkpoint": str(checkpoint), "episode": ck["meta"].get("episode")})
+    if fmt == "nir":
+        if fixed_point:
+            raise ConfigError("--fixed-point applies to --format lava only")
+        from .nir_export import export_nir
+
+        path = export_nir(spec, out)
+        info = {"format": "nir", "path": str(path), "populations": spec.population_names,
+                "dt_s": spec.semantics.dt_s}
+    else:
+        from .lava_export import export_lava
+
+        res = export_lava(spec, out, fixed_point=fixed_point, **({"weight_bits": weight_bits} if fixed_point else {}))
+        info = {"format": "lava-fixed" if fixed_point else "lava", "path": str(res["graph_dir"]),
+                "files": [str(f) for f in res["files"]]}
+        if fixed_point:
+            info["quantisation"] = res["quantisation"]
+    if as_json:
+        click.echo(json.dumps(info, default=str))
+    else:
+        click.echo(f"wrote {info['format']} export to {info['path']}")
+        if "quantisation" in info:
+            click.echo(json.dumps(info["quantisation"], indent=1, default=str))
+
+
+def closed_loop_success(circuit, cfg, stepper=None, episodes: int = 50, seed: int = 12345,
+                        steps: Optional[int] = None) -> float:
+    """Held-out navigation success rate of the circuit, or of ``stepper`` driving the same agent."""
+    import torch
+
+    from dmn_neuro.training import EVAL_STREAM, build_components, episode_generator
+
+    circuit = circuit.float()
+    _, _, arena, agent, _ = build_components(cfg, circuit=circuit, device=torch.device("cpu"))
+    T = int(steps or cfg.episode_length_steps)
+    done, chunk, succ = 0, 0, []
+    while done < episodes:
+        b = min(25, episodes - done)
+        with torch.no_grad():
+            ro = agent.rollout(b, T, episode_generator(seed, chunk, EVAL_STREAM), device=torch.device("cpu"),
+                               stepper=stepper)
+        d = (ro.positions[-1, :, :2] - ro.source[:, :2]).norm(dim=-1)
+        succ.append((d <= arena.success_radius).float())
+        done += b
+        chunk += 1
+    return float(torch.cat(succ).mean())
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--target", required=True, type=click.Choice(TARGETS))
+@click.option("--steps", type=int, default=1000, show_default=True, help="Open-loop steps compared (>= 1000 to pass).")
+@click.option("--odors", default=None, help="Comma-separated Hallem odors (default: the trained odors plus others).")
+@click.option("--closed-loop-episodes", type=int, default=50, show_default=True, help="lava-fixed: held-out episodes for the navigation gate.")
+@click.option("--export-dir", type=click.Path(file_okay=False), default=None, help="Keep the exported model here (default: a temporary directory).")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None, help="Write verification.json and verification.png here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def verify(checkpoint, target, steps, odors, closed_loop_episodes, export_dir, report_dir, as_json):
+    """Run the export in its target simulator and compare spikes with the trained model (exit 0 = pass)."""
+    from dmn_neuro.inference import run_open_loop
+
+    from .verify import tolerance_for, verify_spikes
+
+    if steps <= 0:
+        raise ConfigError(f"--steps must be positive, got {steps}")
+    circuit, cfg, ck = _load(checkpoint)
+    odor_list = [o.strip() for o in odors.split(",") if o.strip()] if odors else default_odors(cfg)
+    x = verification_input(circuit, cfg, odor_list, steps)
+    spec = circuit.to_spec(metadata={"checkpoint": str(checkpoint)})
+    reference = run_open_loop(circuit, x)
+    tmp = None
+    workdir = Path(export_dir) if export_dir else Path(tempfile.mkdtemp(prefix="dmn-neuro-verify-"))
+    tmp = None if export_dir else workdir
+    closed: Dict[str, object] = {"odors": odor_list, "concentrations": list(VERIFY_CONCENTRATIONS)}
+    tol = tolerance_for(target)
+    try:
+        if target == "nir":
+            from .nir_export import export_nir
+            from .nir_import import run_nir
+
+            path = export_nir(spec, workdir / "model.nir")
+            candidate = run_nir(path, x)
+        else:
+            from .lava_export import export_lava
+            from .lava_runner import run_lava
+
+            fixed = target == "lava-fixed"
+            res = export_lava(spec, workdir / ("lava_fixed" if fixed else "lava_float"), fixed_point=fixed)
+            candidate = run_lava(res["graph_dir"], x, fixed_point=fixed)
+            if fixed:
+                from .fixed_point import FixedPointStepper
+
+                closed["quantisation"] = res["quantisation"]
+                if closed_loop_episodes > 0:
+                    ref_rate = closed_loop_success(circuit, cfg, None, closed_loop_episodes)
+                    fx_rate = closed_loop_success(circuit, cfg, FixedPointStepper(res["fixed_point_spec"]), closed_loop_episodes)
+                    tol = tol.with_navigation(ref_rate, fx_rate)
+                    closed["closed_loop_episodes"] = closed_loop_episodes
+        result = verify_spikes(reference, candidate, target, lag=0, tolerance=tol,
+                               populations=spec.population_names, extra=closed)
+        if report_dir:
+            from .report import write_report
+
+            write_report(result, reference, candidate, Path(report_dir))
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if as_json:
+        click.echo(result.to_json())
+    else:
+        from .report import format_table
+
+        click.echo(format_table(result))
+    if not result.passed:
+        sys.exit(1)

@@ -1,0 +1,425 @@
+"""Loihi 2 fixed-point quantisation of a :class:`~dmn_neuro.spec.CircuitSpec`.
+
+The fixed-point model is the one Lava runs with ``select_tag="fixed_pt"``
+(``PyLifModelBitAcc`` + ``PyDenseModelBitAcc``), per step and population::
+
+    a   = sum_q W_q @ s_q[t-1]                 (int32, 8-bit weights, weight_exp 0)
+    u   = wrap24(a << 6)                       (du = 4095: no synaptic filter)
+    v   = clip24(trunc(v * (4096 - dv) / 4096) + u + (bias_mant << bias_exp))
+    s   = v > (vth << 6);  v[s] = 0
+
+Quantisation choices (each made once, here):
+
+* Per-neuron thresholds are folded into the incoming rows and the bias
+  (``W'_ij = W_ij / theta_i``, threshold 1), so ``vth`` is one integer per
+  population. ``vth`` is the largest integer for which every incoming folded
+  weight fits the 8-bit synapse (mixed sign: even values in -256..254; single
+  sign: 0..255 or -255..0), capped so that ``v`` has ``v_headroom`` thresholds
+  of room inside Loihi's 24-bit state. The weight exponent is 0 everywhere and
+  the bias exponent is 6, which makes the file exactly expressible in lava-dl's
+  netx format (netx fixes ``bias_exp = 6`` and has no dense weight exponent).
+* ``dv = round((1 - beta) * 4096)``, ``du = 4095`` (``u = a_in << 6``).
+* The graded ORN input enters through a source and an identity ``Dense``
+  (weight 1, 24-bit messages): ``x_int = clip(rint(x * input_scale))`` with
+  ``input_scale_i = vth_ORN / theta_i``.
+
+:func:`simulate_fixed` is a bit-accurate NumPy emulation of that Lava graph
+(in model time: Lava's extra input hop is removed) and
+:class:`FixedPointStepper` the same arithmetic in torch, step by step.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from dmn_neuro.errors import ExportError
+from dmn_neuro.spec import CircuitSpec
+
+logger = logging.getLogger(__name__)
+
+#: Loihi 2 constants (PyLifModelBitAcc / PyDenseModelBitAcc).
+DECAY_SHIFT = 12
+DECAY_UNITY = 1 << DECAY_SHIFT  # 4096
+DU_NO_FILTER = DECAY_UNITY - 1  # du = 4095 -> decay constant 4096 -> u = a_in << 6
+ACT_SHIFT = 6
+VTH_SHIFT = 6
+UV_BITS = 24
+MAX_UV = 1 << (UV_BITS - 1)  # 2**23
+VTH_MAX = (1 << 17) - 1
+BIAS_MANT_MIN, BIAS_MANT_MAX = -(1 << 12), (1 << 12) - 1
+#: netx builds every LIF with bias_exp = 6; using it here keeps the netx file exact.
+BIAS_EXP = 6
+#: Largest |a| that survives ``a << 6`` inside the 24-bit current without wrapping.
+MAX_ACTIVATION = (1 << (UV_BITS - 1 - ACT_SHIFT)) - 1
+SIGN_MODES = ("MIXED", "EXCITATORY", "INHIBITORY")
+
+
+@dataclass
+class FixedPopulation:
+    name: str
+    n: int
+    du: int
+    dv: int
+    vth: int
+    bias_mant: np.ndarray  # int32 [n]
+    bias_exp: np.ndarray  # int32 [n]
+    beta: float
+    threshold: np.ndarray  # float64 [n], original
+    cell_types: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.bias_mant = np.asarray(self.bias_mant, dtype=np.int32).reshape(-1)
+        self.bias_exp = np.asarray(self.bias_exp, dtype=np.int32).reshape(-1)
+        self.threshold = np.asarray(self.threshold, dtype=np.float64).reshape(-1)
+        for key in ("bias_mant", "bias_exp", "threshold"):
+            if getattr(self, key).shape != (self.n,):
+                raise ExportError(f"fixed-point population {self.name}: {key} has shape {getattr(self, key).shape}, expected ({self.n},)")
+        if not 0 <= self.du < DECAY_UNITY or not 0 <= self.dv < DECAY_UNITY:
+            raise ExportError(f"fixed-point population {self.name}: du={self.du}, dv={self.dv} outside the 12-bit range")
+        if not 1 <= self.vth <= VTH_MAX:
+            raise ExportError(f"fixed-point population {self.name}: vth={self.vth} outside 1..{VTH_MAX}")
+
+    @property
+    def effective_bias(self) -> np.ndarray:
+        return np.left_shift(self.bias_mant.astype(np.int64), self.bias_exp)
+
+
+@dataclass
+class FixedProjection:
+    pre: str
+    post: str
+    weight: np.ndarray  # int32 [n_post, n_pre]
+    sign_mode: str
+    weight_exp: int = 0
+    num_weight_bits: int = 8
+
+    def __post_init__(self) -> None:
+        self.weight = np.asarray(self.weight, dtype=np.int32)
+        if self.sign_mode not in SIGN_MODES:
+            raise ExportError(f"projection {self.name}: unknown sign mode {self.sign_mode!r}; known: {SIGN_MODES}")
+        lo, hi = _weight_range(self.sign_mode, self.num_weight_bits)
+        if self.weight.size and (self.weight.min() < lo or self.weight.max() > hi):
+            raise ExportError(f"projection {self.name}: weights outside {lo}..{hi} for sign mode {self.sign_mode}")
+        if np.any(self.weight % _weight_step(self.sign_mode, self.num_weight_bits)):
+            raise ExportError(f"projection {self.name}: weights not on the {self.num_weight_bits}-bit grid")
+
+    @property
+    def name(self) -> str:
+        return f"{self.pre}->{self.post}"
+
+
+@dataclass
+class FixedPointSpec:
+    """A circuit in Loihi 2 fixed point, plus the quantisation report."""
+
+    populations: List[FixedPopulation]
+    projections: List[FixedProjection]
+    input_population: str
+    output_population: str
+    input_scale: np.ndarray  # float64 [n_input]: x_int = clip(rint(x * input_scale))
+    input_limit: int = MAX_ACTIVATION
+    dt_ms: float = 1.0
+    report: Dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = [p.name for p in self.populations]
+        if self.input_population not in names or self.output_population not in names:
+            raise ExportError(f"fixed-point spec: input/output population not in {names}")
+        sizes = {p.name: p.n for p in self.populations}
+        self.input_scale = np.asarray(self.input_scale, dtype=np.float64).reshape(-1)
+        if self.input_scale.shape != (sizes[self.input_population],):
+            raise ExportError(f"fixed-point spec: input_scale has shape {self.input_scale.shape}, expected ({sizes[self.input_population]},)")
+        for q in self.projections:
+            if q.pre not in sizes or q.post not in sizes:
+                raise ExportError(f"fixed-point projection {q.name}: unknown population; known: {names}")
+            if q.weight.shape != (sizes[q.post], sizes[q.pre]):
+                raise ExportError(f"fixed-point projection {q.name}: weight {q.weight.shape}, expected {(sizes[q.post], sizes[q.pre])}")
+
+    @property
+    def population_names(self) -> List[str]:
+        return [p.name for p in self.populations]
+
+    def population(self, name: str) -> FixedPopulation:
+        for p in self.populations:
+            if p.name == name:
+                return p
+        raise ExportError(f"unknown population {name!r}; known: {self.population_names}")
+
+    def quantise_input(self, x: np.ndarray) -> np.ndarray:
+        """Real-valued ORN current ``[..., n_in]`` -> the int32 graded messages Lava receives."""
+        return quantise_input(x, self.input_scale, self.input_limit)
+
+
+def quantise_input(x: np.ndarray, scale: np.ndarray, limit: int) -> np.ndarray:
+    """``clip(rint(x * scale), -limit, limit)`` in float64 (the Lava worker uses the same formula)."""
+    xs = np.rint(np.asarray(x, dtype=np.float64) * np.asarray(scale, dtype=np.float64))
+    return np.clip(xs, -limit, limit).astype(np.int32)
+
+
+def _weight_step(sign_mode: str, bits: int) -> int:
+    return 1 << (8 - bits + (1 if sign_mode == "MIXED" else 0))
+
+
+def _weight_range(sign_mode: str, bits: int) -> Tuple[int, int]:
+    step = _weight_step(sign_mode, bits)
+    if sign_mode == "MIXED":
+        return -256, 256 - step
+    top = (255 // step) * step
+    return (0, top) if sign_mode == "EXCITATORY" else (-top, 0)
+
+
+def _sign_mode(w: np.ndarray) -> str:
+    # Same rule as lava.utils.weightutils.determine_sign_mode.
+    if w.size == 0 or w.min() >= 0:
+        return "EXCITATORY"
+    if w.max() <= 0:
+        return "INHIBITORY"
+    return "MIXED"
+
+
+def _vth_limit(w: np.ndarray, sign_mode: str, bits: int) -> float:
+    """Largest scale s such that every ``w * s`` fits the synapse range."""
+    lo, hi = _weight_range(sign_mode, bits)
+    lim = np.inf
+    pos, neg = w.max(initial=0.0), -w.min(initial=0.0)
+    if pos > 0:
+        lim = min(lim, hi / pos)
+    if neg > 0:
+        lim = min(lim, -lo / neg)
+    return lim
+
+
+def _round_to_grid(w: np.ndarray, sign_mode: str, bits: int) -> np.ndarray:
+    step = _weight_step(sign_mode, bits)
+    lo, hi = _weight_range(sign_mode, bits)
+    return np.clip(np.rint(w / step) * step, lo, hi).astype(np.int32)
+
+
+def quantize(spec: CircuitSpec, weight_bits: int = 8, v_headroom: float = 16.0, vth_max: Optional[int] = None) -> FixedPointSpec:
+    """Quantise ``spec`` to Loihi 2 fixed point.
+
+    ``weight_bits``: synapse precision (Lava ``num_weight_bits``; mixed-sign
+    projections lose one more bit to the sign). ``v_headroom``: the membrane may
+    reach this many thresholds (and the ORN input this many thresholds per step)
+    before Loihi's 24-bit state saturates; it caps ``vth``. ``vth_max``: an
+    optional further cap on every population's ``vth``.
+
+    The returned spec's ``report`` holds, per population, ``vth``, ``dv``, the
+    decay error ``|beta_q - beta|`` and the bias error (threshold units), and per
+    projection the relative Frobenius weight error, the largest absolute weight
+    error (threshold units) and the fraction of nonzero weights rounded to 0.
+    """
+    if not 1 <= int(weight_bits) <= 8:
+        raise ExportError(f"weight_bits={weight_bits} must be in 1..8")
+    if not v_headroom >= 1.0:
+        raise ExportError(f"v_headroom={v_headroom} must be >= 1 threshold")
+    bits = int(weight_bits)
+    cap = min(VTH_MAX, int((MAX_UV - 1) // ((1 << VTH_SHIFT) * v_headroom)))
+    if vth_max is not None:
+        cap = min(cap, int(vth_max))
+    pops: List[FixedPopulation] = []
+    projs: List[FixedProjection] = []
+    report: Dict[str, object] = {"weight_bits": bits, "v_headroom": v_headroom, "weight_exp": 0, "bias_exp": BIAS_EXP,
+                                 "du": DU_NO_FILTER, "populations": {}, "projections": {}}
+    folded: Dict[int, np.ndarray] = {}
+    modes: Dict[int, str] = {}
+    for i, q in enumerate(spec.projections):
+        theta = spec.population(q.post).threshold
+        folded[i] = q.weight / theta[:, None]
+        modes[i] = _sign_mode(folded[i])
+    for p in spec.populations:
+        limits = [_vth_limit(folded[i], modes[i], bits) for i, q in enumerate(spec.projections) if q.post == p.name]
+        lim = min([cap] + limits)
+        vth = int(np.floor(lim))
+        if vth < 1:
+            raise ExportError(
+                f"population {p.name}: incoming weights exceed {_weight_range('MIXED', bits)[1]} thresholds, "
+                "not representable with weight exponent 0")
+        dv = int(np.clip(np.rint((1.0 - p.beta) * DECAY_UNITY), 0, DECAY_UNITY - 1))
+        b = p.bias / p.threshold * vth  # in units of (1 << BIAS_EXP) / 64 = 1 mantissa step
+        mant = np.rint(b)
+        clipped = int(np.count_nonzero((mant < BIAS_MANT_MIN) | (mant > BIAS_MANT_MAX)))
+        mant = np.clip(mant, BIAS_MANT_MIN, BIAS_MANT_MAX).astype(np.int32)
+        pops.append(FixedPopulation(p.name, p.n, DU_NO_FILTER, dv, vth, mant, np.full(p.n, BIAS_EXP, np.int32),
+                                    p.beta, p.threshold.copy(), list(p.cell_types)))
+        beta_q = 1.0 - dv / DECAY_UNITY
+        report["populations"][p.name] = {
+            "vth": vth, "dv": dv, "beta": p.beta, "beta_q": beta_q, "decay_error": abs(beta_q - p.beta),
+            "bias_error_max": float(np.max(np.abs(mant / vth - p.bias / p.threshold), initial=0.0)),
+            "bias_clipped": clipped, "vth_limited_by": "headroom" if lim == cap else "weights",
+        }
+    vth_of = {fp.name: fp.vth for fp in pops}
+    for i, q in enumerate(spec.projections):
+        w_s = folded[i] * vth_of[q.post]
+        w_int = _round_to_grid(w_s, modes[i], bits)
+        projs.append(FixedProjection(q.pre, q.post, w_int, modes[i], 0, bits))
+        err = w_int / vth_of[q.post] - folded[i]
+        norm = np.linalg.norm(folded[i])
+        nz = folded[i] != 0
+        report["projections"][q.name] = {
+            "sign_mode": modes[i], "rel_weight_error": float(np.linalg.norm(err) / norm) if norm > 0 else 0.0,
+            "max_abs_weight_error": float(np.max(np.abs(err), initial=0.0)),
+            "zeroed_fraction": float(np.count_nonzero(nz & (w_int == 0)) / max(1, np.count_nonzero(nz))),
+            "max_weight_int": int(np.max(np.abs(w_int), initial=0)),
+        }
+    inp = spec.population(spec.input_population)
+    input_scale = vth_of[inp.name] / inp.threshold
+    report["input"] = {"scale_min": float(input_scale.min()), "scale_max": float(input_scale.max()),
+                       "limit": MAX_ACTIVATION, "resolution_thresholds": 1.0 / vth_of[inp.name]}
+    fps = FixedPointSpec(pops, projs, spec.input_population, spec.output_population, input_scale,
+                         MAX_ACTIVATION, spec.semantics.dt_ms, report)
+    logger.info("quantised %d populations, %d projections to %d-bit weights", len(pops), len(projs), bits)
+    return fps
+
+
+# -- bit-accurate emulation -------------------------------------------------
+
+def _wrap24_like_lava(x: np.ndarray) -> np.ndarray:
+    # PyLifModelBitAcc: where(x > 2**23, x - 2**24, x); then where(w <= -2**23, x + 2**24, w)
+    w = np.where(x > MAX_UV, x - 2 * MAX_UV, x)
+    return np.where(w <= -MAX_UV, x + 2 * MAX_UV, w)
+
+
+def _decay(v: np.ndarray, d: int) -> np.ndarray:
+    prod = v.astype(np.int64) * (DECAY_UNITY - d)
+    return (np.sign(prod) * (np.abs(prod) >> DECAY_SHIFT)).astype(np.int32).astype(np.int64)
+
+
+def simulate_fixed(fps: FixedPointSpec, x: np.ndarray, record_membrane: bool = False) -> Dict[str, np.ndarray]:
+    """Bit-accurate NumPy emulation of the fixed-point Lava graph, in model time.
+
+    ``x`` is the real-valued ORN input ``[T, B, n_in]``; it is quantised exactly
+    as the worker quantises it. Returns ``{population: bool [T, B, n]}`` (and
+    ``{population + '_mem': int [T, B, n]}`` with ``record_membrane``).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 2:
+        x = x[:, None, :]
+    n_in = fps.population(fps.input_population).n
+    if x.ndim != 3 or x.shape[2] != n_in:
+        raise ExportError(f"input must be [T, batch, {n_in}], got {list(x.shape)}")
+    T, B, _ = x.shape
+    xq = fps.quantise_input(x).astype(np.int64)
+    v = {p.name: np.zeros((B, p.n), np.int64) for p in fps.populations}
+    s_prev = {p.name: np.zeros((B, p.n), bool) for p in fps.populations}
+    out = {p.name: np.zeros((T, B, p.n), bool) for p in fps.populations}
+    mem = {p.name: np.zeros((T, B, p.n), np.int64) for p in fps.populations} if record_membrane else None
+    w_t = [(q.pre, q.post, q.weight.astype(np.int64).T, q.weight_exp) for q in fps.projections]
+    bias = {p.name: p.effective_bias for p in fps.populations}
+    for t in range(T):
+        a = {p.name: np.zeros((B, p.n), np.int64) for p in fps.populations}
+        a[fps.input_population] += xq[t]  # identity Dense, weight 1, weight_exp 0
+        for pre, post, wt, e in w_t:
+            acc = s_prev[pre].astype(np.int64) @ wt
+            a[post] += (acc << e) if e > 0 else (acc >> -e)
+        for p in fps.populations:
+            act = np.left_shift(a[p.name].astype(np.int32), ACT_SHIFT).astype(np.int64)  # int32 shift, as Lava
+            u = _wrap24_like_lava(act)
+            vn = _decay(v[p.name], p.dv) + u + bias[p.name]
+            vn = np.clip(vn, -MAX_UV + 1, MAX_UV - 1)
+            s = vn > (p.vth << VTH_SHIFT)
+            vn[s] = 0
+            v[p.name] = vn
+            s_prev[p.name] = s
+            out[p.name][t] = s
+            if mem is not None:
+                mem[p.name][t] = vn
+    if mem is not None:
+        out.update({k + "_mem": m for k, m in mem.items()})
+    return out
+
+
+class FixedPointState(NamedTuple):
+    """Membranes (int64, post-reset) and last spikes (bool), ordered as ``fps.populations``."""
+
+    v: Tuple["object", ...]
+    spikes: Tuple["object", ...]
+
+
+class FixedPointStepper:
+    """The fixed-point circuit in torch, one step at a time (bit-identical to :func:`simulate_fixed`).
+
+    ``state = stepper.init_state(batch)``; ``spikes, state = stepper.step(state, x_t)``
+    with ``x_t`` the real-valued ORN input ``[batch, n_in]``. Spike sums are
+    computed with float32 matmuls, which are exact for integer sums below 2**24
+    (checked at construction), so the stepper runs on CPU or GPU.
+    """
+
+    def __init__(self, fps: FixedPointSpec, device=None):
+        import torch
+
+        self.fps = fps
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.names = fps.population_names
+        idx = {n: i for i, n in enumerate(self.names)}
+        self._proj = []
+        for q in fps.projections:
+            bound = int(np.abs(q.weight.astype(np.int64)).sum(axis=1).max(initial=0))
+            if bound >= 1 << 24:
+                raise ExportError(f"projection {q.name}: integer sums up to {bound} are not exact in float32")
+            w = torch.as_tensor(q.weight.T.astype(np.float32), device=self.device)
+            self._proj.append((idx[q.pre], idx[q.post], w, int(q.weight_exp)))
+        self._bias = [torch.as_tensor(p.effective_bias, dtype=torch.int64, device=self.device) for p in fps.populations]
+        self._vth = [int(p.vth) << VTH_SHIFT for p in fps.populations]
+        self._dv = [int(p.dv) for p in fps.populations]
+        self._scale = torch.as_tensor(fps.input_scale, dtype=torch.float64, device=self.device)
+        self._in = idx[fps.input_population]
+
+    def init_state(self, batch: int) -> FixedPointState:
+        import torch
+
+        v = tuple(torch.zeros(batch, p.n, dtype=torch.int64, device=self.device) for p in self.fps.populations)
+        s = tuple(torch.zeros(batch, p.n, dtype=torch.bool, device=self.device) for p in self.fps.populations)
+        return FixedPointState(v, s)
+
+    def quantise_input(self, x_t):
+        import torch
+
+        x = torch.as_tensor(x_t, device=self.device).to(torch.float64)
+        lim = self.fps.input_limit
+        return torch.clamp(torch.round(x * self._scale), -lim, lim).to(torch.int64)
+
+    def step(self, state: FixedPointState, x_t):
+        import torch
+
+        a = [torch.zeros_like(v) for v in state.v]
+        a[self._in] = a[self._in] + self.quantise_input(x_t)
+        for i_pre, i_post, w, e in self._proj:
+            acc = torch.round(state.spikes[i_pre].to(torch.float32) @ w).to(torch.int64)
+            a[i_post] = a[i_post] + ((acc << e) if e > 0 else (acc >> -e))
+        new_v, new_s = [], []
+        for k in range(len(self.names)):
+            act = _int32(a[k] << ACT_SHIFT)
+            u = torch.where(act > MAX_UV, act - 2 * MAX_UV, act)
+            u = torch.where(u <= -MAX_UV, act + 2 * MAX_UV, u)
+            prod = state.v[k] * (DECAY_UNITY - self._dv[k])
+            dec = _int32(torch.sign(prod) * (torch.abs(prod) >> DECAY_SHIFT))
+            vn = torch.clamp(dec + u + self._bias[k], -MAX_UV + 1, MAX_UV - 1)
+            s = vn > self._vth[k]
+            vn = torch.where(s, torch.zeros_like(vn), vn)
+            new_v.append(vn)
+            new_s.append(s)
+        return dict(zip(self.names, new_s)), FixedPointState(tuple(new_v), tuple(new_s))
+
+    def run(self, x):
+        """Loop :meth:`step` over ``x`` ``[T, B, n_in]``; returns ``{population: bool [T, B, n]}``."""
+        import torch
+
+        x = torch.as_tensor(x, device=self.device)
+        if x.dim() == 2:
+            x = x[:, None, :]
+        state = self.init_state(x.shape[1])
+        outs: Dict[str, list] = {n: [] for n in self.names}
+        for t in range(x.shape[0]):
+            spk, state = self.step(state, x[t])
+            for n in self.names:
+                outs[n].append(spk[n])
+        return {n: torch.stack(v) for n, v in outs.items()}
+
+
+def _int32(t):
+    """Reinterpret an int64 tensor modulo 2**32 as int32 (numpy's int32 cast)."""
+    return ((t + (1 << 31)) % (1 << 32)) - (1 << 31)
