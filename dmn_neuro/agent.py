@@ -5,8 +5,16 @@ hemisphere. The fly carries two mirror copies of it with *shared* weights; the
 left copy is fed by the left antenna and the right copy by the right antenna
 (plus an optional ``contralateral_fraction`` of the other antenna). The copies
 are stacked along the batch axis (rows ``0..B-1`` left, ``B..2B-1`` right), so
-one circuit call steps both. The left DNs turn the fly left, the right DNs
-right (see :mod:`dmn_neuro.arena`).
+one circuit call steps both.
+
+Motor output is *crossed* by default (``crossed_motor=True``): the left
+hemisphere's DNs drive the arena's right motor command and vice versa, so the
+fly turns towards the side whose DNs are less active. With shared weights this
+is what lets one circuit both steer towards an odor and stop at it: odor that
+suppresses the tonic DN drive on the stronger side turns the fly towards it,
+and suppression on both sides (at the source) stops it. ``crossed_motor=False``
+gives ipsilateral control, with which the mirrored circuit can approach a
+source but not stay at it (see tests/test_arena.py).
 """
 from __future__ import annotations
 
@@ -34,12 +42,13 @@ class NavigationAgent(nn.Module):
     """Couples a :class:`DifferentiableOlfactoryCircuit`, an :class:`OdorEncoder`
     and an :class:`OdorArena` into a differentiable closed loop."""
 
-    def __init__(self, circuit, encoder, arena, contralateral_fraction: float = 0.0) -> None:
+    def __init__(self, circuit, encoder, arena, contralateral_fraction: float = 0.0, crossed_motor: bool = True) -> None:
         super().__init__()
         self.circuit = circuit
         self.encoder = encoder
         self.arena = arena
         self.contralateral_fraction = float(contralateral_fraction)
+        self.crossed_motor = bool(crossed_motor)
 
     def sensory_input(self, env_state, generator: Optional[torch.Generator], odor_removed: bool = False) -> torch.Tensor:
         """ORN input currents for both hemispheres, ``[2B, n_orn]``."""
@@ -58,13 +67,22 @@ class NavigationAgent(nn.Module):
         self, batch_size: int, steps: int, generator: torch.Generator, *,
         device: Optional[torch.device] = None, odor_removed: bool = False,
         record: Sequence[str] = ("KC", "MBON", "DN"), tbptt_window: Optional[int] = None,
-        env_state=None,
+        env_state=None, stepper=None,
     ) -> Rollout:
+        """Run ``steps`` closed-loop steps for ``batch_size`` episodes.
+
+        ``stepper``: optional replacement of the circuit (e.g. the Loihi fixed
+        point emulator) with ``init_state(batch)`` and ``step(state, x_t) ->
+        (spikes dict, state)``; used by ``dmn-neuro verify`` in closed loop.
+        """
         device = device or next(self.circuit.parameters()).device
         env = env_state if env_state is not None else self.arena.reset(batch_size, generator=generator, device=device)
         start = env.pos
-        cstate = self.circuit.init_state(2 * batch_size, like=env.pos)
-        params = self.circuit.step_parameters()
+        if stepper is None:
+            cstate = self.circuit.init_state(2 * batch_size, like=env.pos)
+            params = self.circuit.step_parameters()
+        else:
+            cstate = stepper.init_state(2 * batch_size)
         noise_gen = None
         if self.encoder.encoding == "poisson":
             noise_gen = torch.Generator(device=device)
@@ -77,9 +95,14 @@ class NavigationAgent(nn.Module):
                                                     {k: v.detach() for k, v in cstate.spikes.items()}))
                 env = _detach_tuple(env)
             x, conc = self.sensory_input(env, noise_gen, odor_removed)
-            spk, cstate = self.circuit.step(x, cstate, params)
+            if stepper is None:
+                spk, cstate = self.circuit.step(x, cstate, params)
+            else:
+                spk, cstate = stepper.step(cstate, x.double())
+                spk = {k: v.to(x.dtype) for k, v in spk.items()}
             dn = spk[self.circuit.output_population]
-            env, vel = self.arena.step(env, dn[:batch_size], dn[batch_size:])
+            left, right = dn[:batch_size], dn[batch_size:]
+            env, vel = self.arena.step(env, right, left) if self.crossed_motor else self.arena.step(env, left, right)
             positions.append(env.pos)
             velocities.append(vel)
             concs.append(conc)

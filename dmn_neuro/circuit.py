@@ -42,6 +42,15 @@ ENGINES = ("snntorch", "fused")
 #: log1p(count)) instead of fan-in normalisation: a KC needs several coincident
 #: PN inputs to fire, and KCs with few claws get less drive (sparse coding).
 UNNORMALISED_PROJECTIONS = frozenset({"PN->KC"})
+#: *Model* projections (no synapse data) initialised E/I-balanced: per
+#: postsynaptic neuron the inhibitory magnitudes are scaled so that they sum
+#: to the excitatory ones. The untrained MBON->DN readout thus has no built-in
+#: preference for or against odor; training sets the balance.
+BALANCED_PROJECTIONS = frozenset({"MBON->DN"})
+#: Populations with a learnable tonic drive (per-neuron bias current, in
+#: thresholds per step at init). DNs fire tonically (the fly walks); odor
+#: input modulates that drive. Lava: ``bias_mant``; NIR: ``v_leak``.
+DEFAULT_BIAS: Dict[str, float] = {"DN": 0.2}
 
 #: Per-population physiology (tau_ms, threshold_mv, rest_mv) used when
 #: connectome/cell_types.yaml does not give a value.
@@ -52,7 +61,7 @@ FALLBACK_NEURON_PARAMS: Dict[str, Tuple[float, float, float]] = {
 #: Total input drive per postsynaptic neuron after fan-in normalisation, in
 #: units of that neuron's threshold (the initial operating point; learned).
 DEFAULT_PROJECTION_GAINS: Dict[str, float] = {
-    "ORN->PN": 1.05, "PN->KC": 0.12, "KC->APL": 20.0, "APL->KC": 0.5, "KC->MBON": 15.0, "MBON->DN": 1.0,
+    "ORN->PN": 1.05, "PN->KC": 0.07, "KC->APL": 40.0, "APL->KC": 3.0, "KC->MBON": 25.0, "MBON->DN": 4.0,
 }
 
 
@@ -112,6 +121,18 @@ def _neuron_params(layers: Sequence[str]) -> Dict[str, Tuple[float, float, float
     return out
 
 
+def _balance_ei(w: ConstrainedWeight) -> None:
+    """Scale each row's inhibitory magnitudes so that they sum to its excitatory ones."""
+    with torch.no_grad():
+        mag = w.magnitude()
+        inh = (w.sign < 0)[None, :] & w.mask
+        exc_sum = torch.where(inh, torch.zeros_like(mag), mag).sum(1, keepdim=True)
+        inh_sum = torch.where(inh, mag, torch.zeros_like(mag)).sum(1, keepdim=True)
+        scale = torch.where(inh_sum > 0, exc_sum / inh_sum.clamp_min(1e-12), torch.ones_like(inh_sum))
+        mag = torch.where(inh, mag * scale, mag)
+        w.raw.copy_(torch.where(w.mask, torch.log(torch.expm1(mag.clamp_min(1e-6))), w.raw))
+
+
 class DifferentiableOlfactoryCircuit(nn.Module):
     """Connectome-constrained spiking circuit of one hemisphere.
 
@@ -143,6 +164,7 @@ class DifferentiableOlfactoryCircuit(nn.Module):
         device: Optional[torch.device | str] = None,
         structure: Optional[CircuitStructure] = None,
         init: str = "log",
+        bias: Optional[Dict[str, float]] = None,
     ) -> None:
         super().__init__()
         if engine not in ENGINES:
@@ -177,6 +199,13 @@ class DifferentiableOlfactoryCircuit(nn.Module):
                 learnable_threshold=learnable_threshold, dt_ms=dt_ms, surrogate=surrogate,
                 slope=surrogate_slope, device=device, name=name,
             )
+        self.bias_init = dict(DEFAULT_BIAS if bias is None else bias)
+        self.biases = nn.ParameterDict()
+        for name, b in self.bias_init.items():
+            if name not in layers:
+                raise ConfigError(f"bias given for unknown population {name!r}; known: {layers}")
+            thr = self.cells[name].threshold.detach()
+            self.biases[name] = nn.Parameter((float(b) * thr).to(device) if device is not None else float(b) * thr)
         self.weights = nn.ModuleDict()
         for pre, post in structure.projections:
             key = f"{pre}->{post}"
@@ -190,6 +219,8 @@ class DifferentiableOlfactoryCircuit(nn.Module):
                     learnable=True, init=init,
                     gain=gains.get(key, 1.0) * thr_post,
                 )
+                if key in BALANCED_PROJECTIONS:
+                    _balance_ei(w)
             else:  # placeholder, filled by load_state_dict
                 w = ConstrainedWeight(torch.zeros(n_post, n_pre), torch.ones(n_pre), torch.zeros(n_post, n_pre, dtype=torch.bool))
             self.weights[self._wkey(pre, post)] = w.to(device) if device is not None else w
@@ -233,8 +264,13 @@ class DifferentiableOlfactoryCircuit(nn.Module):
     def weight(self, pre: str, post: str) -> ConstrainedWeight:
         return self.weights[self._wkey(pre, post)]
 
+    def bias(self, name: str) -> Optional[torch.Tensor]:
+        """Tonic drive ``[n]`` of a population, or ``None``."""
+        return self.biases[name] if name in self.biases else None
+
     def population_params(self) -> List[Dict[str, object]]:
-        return [{"name": n, "beta": self.cells[n].beta, "threshold": self.cells[n].threshold} for n in self.population_names]
+        return [{"name": n, "beta": self.cells[n].beta, "threshold": self.cells[n].threshold, "bias": self.bias(n)}
+                for n in self.population_names]
 
     def projection_weights(self) -> List[Dict[str, object]]:
         return [{"pre": a, "post": b, "weight": self.weight(a, b)()} for a, b in self.projection_pairs]
@@ -287,6 +323,8 @@ class DifferentiableOlfactoryCircuit(nn.Module):
         new_mem, new_spk = {}, {}
         for n in self.population_names:
             cur = currents[n] if currents[n] is not None else torch.zeros_like(state.mem[n])
+            if n in self.biases:
+                cur = cur + self.biases[n]
             if self.engine == "fused":
                 from .engine import lif_step
 
@@ -345,6 +383,7 @@ class DifferentiableOlfactoryCircuit(nn.Module):
                 pops.append(PopulationSpec(
                     name=n, n=cell.n_neurons, beta=float(cell.beta.double().cpu()),
                     threshold=cell.threshold.double().cpu().numpy(),
+                    bias=None if self.bias(n) is None else self.bias(n).double().cpu().numpy(),
                     cell_types=self.structure.cell_types.get(n, [n] * cell.n_neurons),
                     root_ids=np.asarray(self.structure.root_ids.get(n, [-1] * cell.n_neurons), dtype=np.int64),
                     provenance="model" if n in ("ORN", "DN") else self.structure.source,
@@ -364,6 +403,7 @@ class DifferentiableOlfactoryCircuit(nn.Module):
         return {
             "dt_ms": self.semantics.dt_ms, "surrogate": self.surrogate, "surrogate_slope": self.surrogate_slope,
             "engine": self.engine, "neuron_params": {k: list(v) for k, v in self.neuron_params.items()},
+            "bias": self.bias_init,
             "learnable_tau": isinstance(self.cells[self.population_names[0]].raw_beta, nn.Parameter),
             "learnable_threshold": isinstance(self.cells[self.population_names[0]].raw_threshold, nn.Parameter),
         }

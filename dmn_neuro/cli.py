@@ -53,13 +53,10 @@ def _register() -> None:
     cli.add_command(train)
     cli.add_command(evaluate)
     cli.add_command(run)
-    try:
-        from exporters.cli import export, verify
-    except ImportError as exc:  # exporters are part of the package; report loudly
-        logger.debug("exporters CLI unavailable: %s", exc)
-    else:
-        cli.add_command(export)
-        cli.add_command(verify)
+    from exporters.cli import export, verify
+
+    cli.add_command(export)
+    cli.add_command(verify)
 
 
 _register()

@@ -53,7 +53,10 @@ class TrainingConfig:
     # sensory input and agent
     encoding: str = "rate"
     current_per_hz: Optional[float] = None
+    hill_k: Optional[float] = 0.1
     contralateral_fraction: float = 0.0
+    crossed_motor: bool = True
+    bias: Optional[Dict[str, float]] = None
     odors: Tuple[str, ...] = ()
     arena: Dict[str, Any] = field(default_factory=dict)
     # loss weights (CombinedLoss)

@@ -36,6 +36,11 @@ def episode_generator(seed: int, episode: int, stream: int = TRAIN_STREAM) -> to
     return g
 
 
+def default_current_per_hz(circuit) -> float:
+    """ORN input gain: a 1 kHz rate for 1 s charges 3 thresholds (rate encoding)."""
+    return 3.0 * float(circuit.cells[circuit.input_population].threshold.detach().mean())
+
+
 def build_components(config: TrainingConfig, circuit=None, device=None):
     """Circuit, encoder, arena, agent and loss from a config (the CLI and tests use this)."""
     from .arena import ArenaConfig, OdorArena
@@ -49,18 +54,18 @@ def build_components(config: TrainingConfig, circuit=None, device=None):
             source=config.source, source_options=config.source_options, dt_ms=config.dt_ms,
             learnable_tau=config.learnable_tau, learnable_threshold=config.learnable_threshold,
             surrogate=config.surrogate, surrogate_slope=config.surrogate_slope,
-            projection_gains=config.projection_gains, engine=config.engine,
+            projection_gains=config.projection_gains, engine=config.engine, bias=config.bias,
         )
     circuit = circuit.to(device)
-    enc_kw: Dict[str, Any] = {"dt_ms": config.dt_ms, "encoding": config.encoding}
-    if config.current_per_hz is not None:
-        enc_kw["current_per_hz"] = config.current_per_hz
+    enc_kw: Dict[str, Any] = {"dt_ms": config.dt_ms, "encoding": config.encoding, "hill_k": config.hill_k}
+    # Default input gain: 3 ORN thresholds per 1000 Hz (see README, "Odor input").
+    enc_kw["current_per_hz"] = config.current_per_hz or default_current_per_hz(circuit)
     encoder = OdorEncoder(circuit.orn_glomeruli, odors=list(config.odors) or None, **enc_kw).to(device)
     arena_kw = dict(config.arena)
     if config.odors:
         arena_kw.setdefault("odors", tuple(config.odors))
     arena = OdorArena(ArenaConfig(**arena_kw), dt_ms=config.dt_ms, encoder=encoder)
-    agent = NavigationAgent(circuit, encoder, arena, config.contralateral_fraction)
+    agent = NavigationAgent(circuit, encoder, arena, config.contralateral_fraction, config.crossed_motor)
     loss_fn = CombinedLoss(
         navigation_weight=config.navigation_weight, energy_weight=config.energy_weight,
         sparsity_weight=config.sparsity_weight, activity_weight=config.activity_weight,
@@ -91,7 +96,8 @@ class DMNTrainer:
         self.loss_fn = loss_fn
         self.environment = environment
         self.encoder = encoder
-        self.agent = NavigationAgent(self.circuit, encoder, environment, config.contralateral_fraction)
+        self.agent = NavigationAgent(self.circuit, encoder, environment, config.contralateral_fraction,
+                                     config.crossed_motor)
         self.optimizer = self._make_optimizer()
         self.episode = 0
         self.loss_history: List[Dict[str, float]] = []
