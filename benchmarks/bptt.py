@@ -1,0 +1,367 @@
+"""BPTT benchmark: snnTorch per-step loop vs the fused engine (``make bench``).
+
+On the shipped circuit (FlyWire v783 mushroom body: ORN 55, PN 124, KC 2597,
+APL 1, MBON 48, DN 4) at batch B and T steps, measures forward+backward wall
+time and peak memory of
+
+(a) the baseline: :func:`dmn_neuro.engine.run_reference`, one
+    :class:`~dmn_neuro.neurons.LIFCell` (snnTorch ``Leaky``) call per
+    population per step, autograd through every step;
+(b) the engine: :func:`dmn_neuro.engine.run_layered` (one GEMM per projection
+    over all T*B rows, fused LIF scans with hand-written backward, stepped
+    KC<->APL group; gradient checkpointing for long episodes).
+
+Timing: both variants in this process, alternating, median of ``--runs``.
+Peak memory: a fresh child process per (variant, T) measures the growth of its
+resident set during one forward+backward (Linux: VmHWM after resetting it via
+/proc/self/clear_refs, minus VmRSS before; elsewhere ru_maxrss), i.e. all
+memory torch allocates for the run (activations, temporaries, gradients).
+Equal loss and gradients (allclose) are asserted between the two variants.
+
+Whole-brain scale: forward simulation ms/step on a synthetic connectome of
+FlyWire size (connectome.sources.synthetic, scale='whole_brain': ~141k
+neurons, ~15M edges) with one recurrent sparse projection, via the CSR SpMM
+path and the event-driven path (gather of the active presynaptic rows).
+
+Timings on a shared machine are noisy; the numbers are from one invocation.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+warnings.filterwarnings("ignore", message=".*Sparse invariant checks.*")
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from dmn_neuro.engine import SparseStructure, run_layered, run_reference  # noqa: E402
+
+OUTPUTS = ["MBON", "DN"]
+WB_GAIN = 0.15
+
+
+# ---------------------------------------------------------------------------
+# circuit, input, loss
+# ---------------------------------------------------------------------------
+def build_circuit(cache_dir: str):
+    """(module with parameters, populations(), projections(), surrogate, slope, source)."""
+    try:
+        from dmn_neuro.circuit import DifferentiableOlfactoryCircuit
+
+        circ = DifferentiableOlfactoryCircuit.from_connectome(cache_dir=cache_dir)
+        return (circ, circ.population_params, circ.projection_weights, circ.surrogate, circ.surrogate_slope,
+                "dmn_neuro.circuit.DifferentiableOlfactoryCircuit.from_connectome() (FlyWire v783 MB)")
+    except ImportError:  # pragma: no cover - before the circuit module existed
+        return _fallback_circuit(cache_dir)
+
+
+def _fallback_circuit(cache_dir: str):  # pragma: no cover - only without dmn_neuro.circuit
+    import torch.nn.functional as F
+    from torch import nn
+
+    from connectome.fetch_data import FlyWireConnectome
+
+    layers = ["ORN", "PN", "KC", "APL", "MBON", "DN"]
+    data = FlyWireConnectome(cache_dir=cache_dir).fetch_olfactory_circuit(include_layers=layers)
+    pairs = [("ORN", "PN"), ("PN", "KC"), ("KC", "APL"), ("APL", "KC"), ("KC", "MBON"), ("MBON", "DN")]
+    mod = nn.Module()
+    mod.sizes = {n: int(data.layer_sizes[n]) for n in layers}
+    for n in layers:
+        setattr(mod, f"beta_{n}", nn.Parameter(torch.tensor(2.0)))
+        setattr(mod, f"thr_{n}", nn.Parameter(torch.full((mod.sizes[n],), 0.5)))
+    masks = {}
+    for pre, post in pairs:
+        cnt = torch.as_tensor(data.count_matrix(pre, post), dtype=torch.float32)
+        sign = torch.as_tensor(data.presynaptic_sign(pre), dtype=torch.float32)
+        masks[pre, post] = ((cnt > 0).float(), sign)
+        fan = (cnt > 0).sum(1, keepdim=True).clamp_min(1)
+        setattr(mod, f"w_{pre}_{post}", nn.Parameter(torch.log(torch.expm1((2.0 / fan).expand_as(cnt).clone()))))
+
+    def pops():
+        return [{"name": n, "beta": torch.sigmoid(getattr(mod, f"beta_{n}")), "threshold": F.softplus(getattr(mod, f"thr_{n}"))}
+                for n in layers]
+
+    def projs():
+        return [{"pre": a, "post": b, "weight": masks[a, b][0] * masks[a, b][1][None, :] * F.softplus(getattr(mod, f"w_{a}_{b}"))}
+                for a, b in pairs]
+
+    return mod, pops, projs, "fast_sigmoid", 5.0, "connectome.fetch_data (fallback builder)"
+
+
+def make_input(pops, T: int, B: int, seed: int = 0) -> torch.Tensor:
+    """Odor-like ORN currents: a random glomerular pattern per batch element
+    (constant concentration) plus per-step noise, scaled to the ORN threshold."""
+    orn = [p for p in pops if p["name"] == "ORN"][0]
+    thr = orn["threshold"].detach()
+    drive = thr * (1 - orn["beta"].detach())  # current that holds v at threshold
+    g = torch.Generator().manual_seed(seed)
+    pattern = torch.rand(B, thr.shape[0], generator=g)
+    return (pattern * 3.0 * drive) + torch.randn(T, B, thr.shape[0], generator=g) * 0.3 * drive
+
+
+def loss_fn(out) -> torch.Tensor:
+    return ((out["DN"].mean(0) - 0.05) ** 2).sum() + ((out["MBON"].mean(0) - 0.02) ** 2).sum()
+
+
+def engine_projections(projs, sparse: list):
+    out = projs()
+    for q in out:
+        if f"{q['pre']}->{q['post']}" in sparse:
+            q["sparse"] = SparseStructure.from_mask(q["weight"].detach())
+    return out
+
+
+def fwd_bwd(kind: str, bundle, x: torch.Tensor, checkpoint_every, sparse):
+    mod, pops, projs, surrogate, slope, _ = bundle
+    params = [p for p in mod.parameters() if p.requires_grad]
+    t0 = time.perf_counter()
+    if kind == "baseline":
+        out = run_reference(x, pops(), projs(), surrogate, slope, outputs=OUTPUTS)
+    else:
+        out = run_layered(x, pops(), engine_projections(projs, sparse), surrogate, slope, outputs=OUTPUTS,
+                          checkpoint_every=checkpoint_every)
+    loss = loss_fn(out)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    wall = time.perf_counter() - t0
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    rates = {k: float(v.detach().mean()) for k, v in out.items()}
+    return float(loss.detach()), grads, wall, rates
+
+
+def compare(loss_a, grads_a, loss_b, grads_b, rtol=1e-3):
+    """Loss equal to float rounding; every gradient allclose relative to its scale."""
+    if abs(loss_a - loss_b) > 1e-5 * max(1.0, abs(loss_a)):
+        raise AssertionError(f"loss differs: baseline {loss_a} vs engine {loss_b}")
+    worst, nonfinite = 0.0, 0
+    for a, b in zip(grads_a, grads_b):
+        fa, fb = torch.isfinite(a), torch.isfinite(b)
+        # BPTT through the KC<->APL loop can overflow on both paths alike; they must agree on where
+        if not torch.equal(fa, fb) or not torch.equal(a[~fa].nan_to_num(), b[~fb].nan_to_num()):
+            raise AssertionError("gradients differ in their non-finite entries")
+        nonfinite += int((~fa).sum())
+        a, b = a[fa], b[fb]
+        if a.numel() == 0:
+            continue
+        scale = float(a.abs().max()) + 1e-30
+        err = float((a - b).abs().max()) / scale
+        worst = max(worst, err)
+        if not torch.allclose(a, b, rtol=rtol, atol=rtol * scale):
+            raise AssertionError(f"gradients differ: max relative error {err:.2e}")
+    return {"max_rel_err": worst, "nonfinite_entries": nonfinite}
+
+
+# ---------------------------------------------------------------------------
+# peak memory in a child process
+# ---------------------------------------------------------------------------
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(field)
+
+
+def child(args) -> None:
+    torch.set_num_threads(args.threads)
+    bundle = build_circuit(tempfile.mkdtemp(prefix="dmn_bench_"))
+    x = make_input(bundle[1](), args.T, args.batch)
+    ck = args.checkpoint_every if args.checkpoint_every > 0 else None
+    fwd_bwd(args.child, bundle, x[:5], None, args.sparse)  # warm up kernels and allocator
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset VmHWM (peak RSS) to the current RSS
+        before = _rss_kb("VmRSS")
+        method = "VmHWM-VmRSS"
+    except OSError:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        method = "ru_maxrss delta"
+    loss, grads, wall, rates = fwd_bwd(args.child, bundle, x, ck, args.sparse)
+    peak = _rss_kb("VmHWM") if method == "VmHWM-VmRSS" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if args.grads_out:
+        torch.save({"loss": loss, "grads": [g.detach() for g in grads]}, args.grads_out)
+    print(json.dumps({"peak_mb": (peak - before) / 1024, "wall_s": wall, "loss": loss, "method": method, "rates": rates}))
+
+
+def run_child(kind: str, T: int, args, ck: int, grads_out: str = "") -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--T", str(T), "--batch", str(args.batch),
+           "--threads", str(args.threads), "--checkpoint-every", str(ck), "--sparse", ",".join(args.sparse)]
+    if grads_out:
+        cmd += ["--grads-out", grads_out]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO))
+    if res.returncode != 0:
+        raise RuntimeError(f"child {kind} T={T} failed: {res.stderr.strip().splitlines()[-1:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------
+# whole-brain forward
+# ---------------------------------------------------------------------------
+def wholebrain(args) -> dict:
+    from connectome.sources.synthetic import generate
+
+    t0 = time.perf_counter()
+    neurons, edges, _, meta = generate(seed=0, scale="whole_brain")
+    n = len(neurons.id)
+    pre = torch.from_numpy(edges.pre_id - 1)
+    post = torch.from_numpy(edges.post_id - 1)
+    del edges
+    st = SparseStructure.from_edges(post, pre, n, n)
+    del pre, post
+    sign = torch.as_tensor(neurons.sign, dtype=torch.float32)
+    # fan-in normalised: all excitatory inputs of a neuron together = WB_GAIN
+    # thresholds, inhibitory synapses twice as strong -> sparse, self-limiting activity
+    indeg = torch.bincount(st.row, minlength=n).clamp_min(1).to(torch.float32)
+    values = (WB_GAIN / indeg[st.row]) * torch.where(sign[st.col] < 0, -2.0, 1.0)
+    setup_s = time.perf_counter() - t0
+    layer = list(neurons.layer)
+    orn = torch.tensor([lay == "ORN" for lay in layer])
+    T = args.wb_steps
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(T, 1, n)
+    x[:, 0, orn] = (torch.rand(T, int(orn.sum()), generator=g) < 0.3).float() * 1.5
+    pops = [{"name": "brain", "beta": torch.tensor(0.9), "threshold": torch.ones(n)}]
+    projs = [{"pre": "brain", "post": "brain", "sparse": st, "values": values}]
+    res = {"neurons": n, "edges": st.nnz, "setup_s": setup_s, "steps": T, "batch": 1}
+    for name, event in (("csr", False), ("event", True)):
+        with torch.no_grad():
+            run_layered(x[:3], pops, projs, input_population="brain", event_driven=event)
+            t0 = time.perf_counter()
+            out = run_layered(x, pops, projs, input_population="brain", event_driven=event)
+            res[f"{name}_ms_per_step"] = (time.perf_counter() - t0) / T * 1e3
+        res[f"{name}_activity"] = float(out["brain"].mean())
+        if name == "csr":
+            ref = out["brain"]
+        elif not torch.equal(out["brain"], ref):
+            res["event_matches_csr"] = False
+        else:
+            res["event_matches_csr"] = True
+    return res
+
+
+# ---------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer runs; T=5000 measured once per variant in children")
+    ap.add_argument("--json", action="store_true", help="print one JSON object (and nothing else on stdout)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared box)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--runs", type=int, default=5, help="timing runs per variant at T=500")
+    ap.add_argument("--long-runs", type=int, default=2, help="timing runs per variant at T=5000 (baseline is slow)")
+    ap.add_argument("--checkpoint-every", type=int, default=500, help="engine checkpoint segment at T=5000")
+    ap.add_argument("--sparse", default="", help="projections run on the sparse path, e.g. 'PN->KC,KC->MBON'")
+    ap.add_argument("--wb-steps", type=int, default=100, help="steps of the whole-brain forward")
+    ap.add_argument("--skip-wholebrain", action="store_true")
+    # internal (child processes)
+    ap.add_argument("--child", choices=("baseline", "engine"), help=argparse.SUPPRESS)
+    ap.add_argument("--T", type=int, default=500, help=argparse.SUPPRESS)
+    ap.add_argument("--grads-out", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.sparse = [s for s in args.sparse.split(",") if s]
+    if args.child:
+        child(args)
+        return 0
+    torch.set_num_threads(args.threads)
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    runs = 3 if args.quick else args.runs
+    bundle = build_circuit(tempfile.mkdtemp(prefix="dmn_bench_"))
+    sizes = {p["name"]: int(p["threshold"].shape[0]) for p in bundle[1]()}
+    log(f"circuit: {bundle[5]}; sizes {sizes}; surrogate {bundle[3]}({bundle[4]})")
+    log(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"threads {args.threads}, batch {args.batch}; engine sparse projections: {args.sparse or 'none (dense GEMMs)'}")
+    result = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
+              "threads": args.threads, "batch": args.batch, "sizes": sizes, "sparse": args.sparse}
+
+    # --- T=500: timing, alternating, in-process -----------------------------
+    T = 500
+    x = make_input(bundle[1](), T, args.batch)
+    fwd_bwd("engine", bundle, x[:10], None, args.sparse)  # warm-up
+    walls = {"baseline": [], "engine": []}
+    ref = None
+    for i in range(runs):
+        for kind in ("baseline", "engine"):
+            loss, grads, wall, rates = fwd_bwd(kind, bundle, x, None, args.sparse)
+            walls[kind].append(wall)
+            if ref is None:
+                ref = (loss, grads)
+                result["rates_T500"] = rates
+            elif i == 0:
+                result["grad_max_rel_err_T500"] = compare(ref[0], ref[1], loss, grads)
+            del grads
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    result.update({"baseline_s_T500": med["baseline"], "engine_s_T500": med["engine"],
+                   "speedup_T500": med["baseline"] / med["engine"], "runs_T500": runs,
+                   "walls_T500": walls})
+    log(f"T=500: loss equal, grads allclose ({result['grad_max_rel_err_T500']}); output rates {result['rates_T500']}")
+
+    # --- T=5000: memory in children (+ timing) -----------------------------
+    T = 5000
+    with tempfile.TemporaryDirectory() as tmp:
+        gb, ge = os.path.join(tmp, "b.pt"), os.path.join(tmp, "e.pt")
+        mem_e = run_child("engine", T, args, args.checkpoint_every, ge)
+        mem_b = run_child("baseline", T, args, 0, gb)
+        ob, oe = torch.load(gb, weights_only=True), torch.load(ge, weights_only=True)
+        result["grad_max_rel_err_T5000"] = compare(ob["loss"], ob["grads"], oe["loss"], oe["grads"])
+    log(f"T=5000: loss equal, grads allclose ({result['grad_max_rel_err_T5000']})")
+    result.update({"engine_peak_mb_T5000": mem_e["peak_mb"], "baseline_peak_mb_T5000": mem_b["peak_mb"],
+                   "memory_method": mem_e["method"], "engine_checkpoint_every_T5000": args.checkpoint_every})
+    long_walls = {"baseline": [mem_b["wall_s"]], "engine": [mem_e["wall_s"]]}
+    if not args.quick:
+        x = make_input(bundle[1](), T, args.batch)
+        for _ in range(max(0, args.long_runs - 1)):
+            for kind in ("baseline", "engine"):
+                _, _, wall, _ = fwd_bwd(kind, bundle, x, args.checkpoint_every if kind == "engine" else None, args.sparse)
+                long_walls[kind].append(wall)
+        del x
+    result.update({"baseline_s_T5000": statistics.median(long_walls["baseline"]),
+                   "engine_s_T5000": statistics.median(long_walls["engine"]),
+                   "runs_T5000": len(long_walls["engine"])})
+    result["speedup_T5000"] = result["baseline_s_T5000"] / result["engine_s_T5000"]
+
+    # --- whole brain ------------------------------------------------------------
+    if not args.skip_wholebrain:
+        wb = wholebrain(args)
+        result["wholebrain"] = wb
+        result["wholebrain_forward_ms_per_step"] = min(wb["csr_ms_per_step"], wb["event_ms_per_step"])
+
+    # --- report -------------------------------------------------------------
+    log("")
+    log(f"| B={args.batch} | baseline (snnTorch loop) | engine | ratio |")
+    log("|---|---|---|---|")
+    log(f"| T=500 fwd+bwd, median of {runs} | {result['baseline_s_T500']:.2f} s | {result['engine_s_T500']:.2f} s | "
+        f"{result['speedup_T500']:.1f}x |")
+    log(f"| T=5000 fwd+bwd, median of {result['runs_T5000']} | {result['baseline_s_T5000']:.1f} s | "
+        f"{result['engine_s_T5000']:.1f} s (checkpoint every {args.checkpoint_every}) | {result['speedup_T5000']:.1f}x |")
+    log(f"| T=5000 peak memory ({result['memory_method']}) | {result['baseline_peak_mb_T5000']:.0f} MB | "
+        f"{result['engine_peak_mb_T5000']:.0f} MB | {result['baseline_peak_mb_T5000'] / max(result['engine_peak_mb_T5000'], 1):.1f}x |")
+    if "wholebrain" in result:
+        wb = result["wholebrain"]
+        log(f"whole-brain forward ({wb['neurons']:,} neurons, {wb['edges']:,} edges, B=1, {wb['steps']} steps): "
+            f"CSR SpMM {wb['csr_ms_per_step']:.1f} ms/step, event-driven {wb['event_ms_per_step']:.1f} ms/step "
+            f"(activity {wb['event_activity']:.2%} per step; event == CSR spikes: {wb['event_matches_csr']})")
+    if args.quick:
+        log("(--quick: T=500 median of 3; T=5000 one run per variant, timed inside the memory child)")
+    log("Timings are from one invocation on a shared machine and are noisy.")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
