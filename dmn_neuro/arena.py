@@ -16,7 +16,10 @@ Model (all lengths in mm, times in s unless named ``_ms``; positions are 3-D wit
   (sources lie both left and right of the initial heading).  Starts are clamped
   1 mm inside the walls.  The odor identity is drawn uniformly from ``odors``.
 * **Plume.** ``'gaussian'``: ``c = peak * exp(-r^2 / (2 sigma^2))``;
-  ``'inverse_square'``: ``c = peak / (1 + r^2 / d0^2)``.  ``c = 1`` corresponds to
+  ``'inverse_square'``: ``c = peak / (1 + r^2 / d0^2)``;
+  ``'exponential'``: ``c = peak * exp(-sqrt(r^2 + eps^2) / d0)`` (constant
+  log-gradient ``1/d0``: the same bilateral contrast far and near, and a sharp
+  peak that marks the source; ``eps = 0.1 mm`` keeps it differentiable there).  ``c = 1`` corresponds to
   the Hallem 10^-2 dilution (see :mod:`dmn_neuro.odors`).  *Wind* (mm/s)
   stretches the plume downwind: the downwind coordinate ``u`` of ``r`` is scaled
   by ``L / (L + |wind| * plume_age_s)`` for ``u > 0`` (``L`` = sigma or d0), a
@@ -55,7 +58,8 @@ from connectome.errors import ConfigError
 
 from .semantics import DEFAULT_DT_MS
 
-PLUMES = ("gaussian", "inverse_square")
+PLUMES = ("gaussian", "inverse_square", "exponential")
+EXP_PLUME_EPS_MM = 0.1
 START_MARGIN_MM = 1.0
 
 
@@ -282,6 +286,8 @@ class OdorArena:
             r2 = (d * d).sum(-1)
         if cfg.plume == "gaussian":
             return cfg.peak_concentration * torch.exp(-r2 / (2.0 * length * length))
+        if cfg.plume == "exponential":
+            return cfg.peak_concentration * torch.exp(-torch.sqrt(r2 + EXP_PLUME_EPS_MM ** 2) / length)
         return cfg.peak_concentration / (1.0 + r2 / (length * length))
 
     def concentration(self, state: EnvState) -> torch.Tensor:

@@ -50,7 +50,10 @@ BALANCED_PROJECTIONS = frozenset({"MBON->DN"})
 #: Populations with a learnable tonic drive (per-neuron bias current, in
 #: thresholds per step at init). DNs fire tonically (the fly walks); odor
 #: input modulates that drive. Lava: ``bias_mant``; NIR: ``v_leak``.
-DEFAULT_BIAS: Dict[str, float] = {"DN": 0.2}
+DEFAULT_BIAS: Dict[str, float] = {"DN": 0.5}
+#: Relative spread of initial thresholds (uniform +-fraction, seeded); none by
+#: default (Poisson input already desynchronises the ORNs).
+DEFAULT_THRESHOLD_JITTER: Dict[str, float] = {}
 
 #: Per-population physiology (tau_ms, threshold_mv, rest_mv) used when
 #: connectome/cell_types.yaml does not give a value.
@@ -61,7 +64,7 @@ FALLBACK_NEURON_PARAMS: Dict[str, Tuple[float, float, float]] = {
 #: Total input drive per postsynaptic neuron after fan-in normalisation, in
 #: units of that neuron's threshold (the initial operating point; learned).
 DEFAULT_PROJECTION_GAINS: Dict[str, float] = {
-    "ORN->PN": 1.05, "PN->KC": 0.07, "KC->APL": 40.0, "APL->KC": 3.0, "KC->MBON": 25.0, "MBON->DN": 4.0,
+    "ORN->PN": 3.0, "PN->KC": 0.07, "KC->APL": 40.0, "APL->KC": 3.0, "KC->MBON": 50.0, "MBON->DN": 4.0,
 }
 
 
@@ -165,6 +168,8 @@ class DifferentiableOlfactoryCircuit(nn.Module):
         structure: Optional[CircuitStructure] = None,
         init: str = "log",
         bias: Optional[Dict[str, float]] = None,
+        threshold_jitter: Optional[Dict[str, float]] = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if engine not in ENGINES:
@@ -199,6 +204,20 @@ class DifferentiableOlfactoryCircuit(nn.Module):
                 learnable_threshold=learnable_threshold, dt_ms=dt_ms, surrogate=surrogate,
                 slope=surrogate_slope, device=device, name=name,
             )
+        # Heterogeneous initial thresholds (relative jitter, seeded): identical
+        # neurons driven by the same deterministic input would fire in lockstep.
+        self.threshold_jitter = dict(DEFAULT_THRESHOLD_JITTER if threshold_jitter is None else threshold_jitter)
+        self.seed = int(seed)
+        if connectivity_data is not None:
+            gen = torch.Generator().manual_seed(self.seed)
+            for name, frac in self.threshold_jitter.items():
+                if name not in layers:
+                    raise ConfigError(f"threshold_jitter given for unknown population {name!r}; known: {layers}")
+                cell = self.cells[name]
+                u = torch.rand(cell.n_neurons, generator=gen, dtype=torch.float64) * 2 - 1
+                with torch.no_grad():
+                    thr = cell.threshold.double().cpu() * (1 + float(frac) * u)
+                    cell.raw_threshold.copy_(torch.log(torch.expm1(thr)).to(cell.raw_threshold))
         self.bias_init = dict(DEFAULT_BIAS if bias is None else bias)
         self.biases = nn.ParameterDict()
         for name, b in self.bias_init.items():
@@ -403,7 +422,7 @@ class DifferentiableOlfactoryCircuit(nn.Module):
         return {
             "dt_ms": self.semantics.dt_ms, "surrogate": self.surrogate, "surrogate_slope": self.surrogate_slope,
             "engine": self.engine, "neuron_params": {k: list(v) for k, v in self.neuron_params.items()},
-            "bias": self.bias_init,
+            "bias": self.bias_init, "threshold_jitter": self.threshold_jitter, "seed": self.seed,
             "learnable_tau": isinstance(self.cells[self.population_names[0]].raw_beta, nn.Parameter),
             "learnable_threshold": isinstance(self.cells[self.population_names[0]].raw_threshold, nn.Parameter),
         }

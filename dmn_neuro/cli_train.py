@@ -31,9 +31,9 @@ def _load_config(config_path: Optional[str], **overrides):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
 @click.option("--engine", type=click.Choice(["fused", "snntorch"]), default=None)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last if it exists.")
-@click.option("--eval-episodes", type=int, default=20, show_default=True, help="Held-out episodes for the before/after figure and summary.")
+@click.option("--figure-episodes", "--eval-episodes", "figure_episodes", type=int, default=20, show_default=True, help="Episodes for the before/after trajectory figure and summary (0: none).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory.")
-def train(config_path, source, episodes, steps, batch_size, seed, device, engine, resume, eval_episodes, out_dir):
+def train(config_path, source, episodes, steps, batch_size, seed, device, engine, resume, figure_episodes, out_dir):
     """Train the circuit by BPTT in the odor arena.
 
     Writes OUT/metrics.jsonl, OUT/checkpoints/{last,best}, OUT/config.yaml,
@@ -60,8 +60,8 @@ def train(config_path, source, episodes, steps, batch_size, seed, device, engine
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     before = None
-    if eval_episodes and trainer.episode == 0:
-        before = evaluate_agent(agent, cfg, eval_episodes, seed=cfg.seed + 777, device=trainer.device, return_rollouts=True)
+    if figure_episodes and trainer.episode == 0:
+        before = evaluate_agent(agent, cfg, figure_episodes, seed=cfg.seed + 777, device=trainer.device, return_rollouts=True)
     remaining = max(cfg.num_episodes - trainer.episode, 0)
     if trainer.episode == 0:
         trainer.save_checkpoint(out / "checkpoints" / "untrained")
@@ -76,8 +76,8 @@ def train(config_path, source, episodes, steps, batch_size, seed, device, engine
     if not (out / "checkpoints" / "best").exists():
         trainer.save_checkpoint(out / "checkpoints" / "best")
     summary = {"episodes": trainer.episode, "config": cfg.to_dict()}
-    if eval_episodes:
-        after = evaluate_agent(agent, cfg, eval_episodes, seed=cfg.seed + 777, device=trainer.device, return_rollouts=True)
+    if figure_episodes:
+        after = evaluate_agent(agent, cfg, figure_episodes, seed=cfg.seed + 777, device=trainer.device, return_rollouts=True)
         if before is not None:
             plots.trajectories_before_after(before.pop("rollouts"), after["rollouts"], arena, out / "trajectories_before_after.png")
             summary["before"] = before

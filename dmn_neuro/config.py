@@ -32,6 +32,8 @@ class TrainingConfig:
     # optimisation
     learning_rate: float = 3e-3
     optimizer: str = "adam"
+    lr_schedule: str = "constant"
+    lr_final_fraction: float = 0.1
     num_episodes: int = 100
     episode_length_steps: int = 5000
     batch_size: int = 8
@@ -48,15 +50,16 @@ class TrainingConfig:
     learnable_tau: bool = True
     learnable_threshold: bool = True
     source: str = "flywire_v783_mb"
-    source_options: Dict[str, Any] = field(default_factory=dict)
+    source_options: Dict[str, Any] = field(default_factory=lambda: {"orn_per_glomerulus": 8, "n_dn": 16})
     projection_gains: Dict[str, float] = field(default_factory=dict)
     # sensory input and agent
-    encoding: str = "rate"
+    encoding: str = "poisson"
     current_per_hz: Optional[float] = None
-    hill_k: Optional[float] = 0.1
+    hill_k: Optional[float] = None
     contralateral_fraction: float = 0.0
     crossed_motor: bool = True
     bias: Optional[Dict[str, float]] = None
+    threshold_jitter: Optional[Dict[str, float]] = None
     odors: Tuple[str, ...] = ()
     arena: Dict[str, Any] = field(default_factory=dict)
     # loss weights (CombinedLoss)
@@ -65,7 +68,7 @@ class TrainingConfig:
     sparsity_weight: float = 0.1
     activity_weight: float = 0.01
     kc_sparsity_target: float = 0.02
-    # evaluation during training
+    # validation during training (model selection for checkpoints/best)
     eval_episodes: int = 0
 
     def __post_init__(self) -> None:
@@ -93,6 +96,10 @@ class TrainingConfig:
             positive("grad_clip")
         if self.tbptt_window is not None:
             positive("tbptt_window", integer=True)
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"config: lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if not (isinstance(self.lr_final_fraction, (int, float)) and 0 < self.lr_final_fraction <= 1):
+            raise ConfigError(f"config: lr_final_fraction must be in (0, 1], got {self.lr_final_fraction!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"config: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.device not in DEVICES:

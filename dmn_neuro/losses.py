@@ -10,7 +10,13 @@ order one at its worst, plus their weighted sum::
   distance ``d0`` (``n_t = |p_t - goal| / d0``), averaged over the batch:
   a time-weighted mean of ``n_t`` whose weights grow linearly with time
   (``w_t ∝ t + 1``, so the end of the episode counts most) + the final ``n_T``
-  + ``no_progress_weight * relu(n_T - 1)`` (penalises ending no closer than the start).
+  + ``no_progress_weight * (relu(n_T - 1) + mean_t g_t (1 - p_t))``: it penalises
+  ending no closer than the start, and every step without progress, where
+  ``p_t = (d_{t-1} - d_t) / (velocity_scale * dt)`` is the approach speed
+  relative to the reference speed and ``g_t = [d_{t-1} > arrival_fraction * d0]``
+  switches the per-step penalty off once the fly has arrived (so stopping at the
+  source is not penalised). The per-step term gives every step a gradient
+  through the heading, which the distance terms alone give only weakly.
 * **energy** -- ``mean_t,b |v_t|^2 / velocity_scale^2`` (∝ Σ‖v‖²; 1 = moving at
   the reference speed all the time).
 * **sparsity** -- ``((s - target) / target)^2`` with ``s`` the KC population
@@ -96,7 +102,9 @@ class CombinedLoss(nn.Module):
         kc_sparsity_target: target KC population sparsity in (0, 1).
         rate_bounds_hz: ``(low, high)`` mean-rate bounds per neuron.
         dt_ms: simulation step.
-        no_progress_weight: weight of ``relu(n_T - 1)`` inside the navigation term.
+        no_progress_weight: weight of the no-progress penalties inside the navigation term.
+        arrival_fraction: distance (fraction of the start distance) below which
+            the per-step no-progress penalty is off.
         kc_population: key of the KC spikes in ``activations``.
         sparsity_window_ms: window of :func:`kc_population_sparsity`.
         sparsity_skip_ms: leading time ignored by the sparsity term (before KCs can respond).
@@ -116,6 +124,7 @@ class CombinedLoss(nn.Module):
         rate_bounds_hz: Tuple[float, float] = (0.0, 200.0),
         dt_ms: float = DEFAULT_DT_MS,
         no_progress_weight: float = 1.0,
+        arrival_fraction: float = 0.1,
         kc_population: str = "KC",
         sparsity_window_ms: float = DEFAULT_SPARSITY_WINDOW_MS,
         sparsity_skip_ms: float = 0.0,
@@ -129,6 +138,7 @@ class CombinedLoss(nn.Module):
         self.sparsity_weight = _check_weight("sparsity_weight", sparsity_weight)
         self.activity_weight = _check_weight("activity_weight", activity_weight)
         self.no_progress_weight = _check_weight("no_progress_weight", no_progress_weight)
+        self.arrival_fraction = _check_weight("arrival_fraction", arrival_fraction)
         goal = tuple(float(g) for g in goal_position)
         if len(goal) != 3 or not all(math.isfinite(g) for g in goal):
             raise ConfigError(f"CombinedLoss.goal_position must be 3 finite numbers, got {goal_position}")
@@ -173,7 +183,12 @@ class CombinedLoss(nn.Module):
         w = w / w.sum()
         weighted = (w[:, None] * n).sum(0)
         final = n[-1]
-        return (weighted + final + self.no_progress_weight * torch.relu(final - 1.0)).mean()
+        d = n * d0[None]
+        d_prev = torch.cat([torch.linalg.vector_norm(start - goal, dim=-1)[None], d[:-1]], dim=0)
+        progress = (d_prev - d) / (self.velocity_scale_mm_s * self.dt_ms * 1e-3)
+        gate = (d_prev > self.arrival_fraction * d0[None]).to(d.dtype).detach()
+        stalled = (gate * (1.0 - progress)).mean(0)
+        return (weighted + final + self.no_progress_weight * (torch.relu(final - 1.0) + stalled)).mean()
 
     def energy_loss(self, velocities: torch.Tensor) -> torch.Tensor:
         if velocities.numel() == 0:

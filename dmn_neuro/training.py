@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 TRAIN_STREAM = 0
 EVAL_STREAM = 1
+#: Validation episodes (model selection during training) come from their own
+#: stream so they never overlap the held-out evaluation episodes.
+VALIDATION_STREAM = 2
+VALIDATION_SEED = 2024
 
 
 def episode_generator(seed: int, episode: int, stream: int = TRAIN_STREAM) -> torch.Generator:
@@ -55,6 +59,7 @@ def build_components(config: TrainingConfig, circuit=None, device=None):
             learnable_tau=config.learnable_tau, learnable_threshold=config.learnable_threshold,
             surrogate=config.surrogate, surrogate_slope=config.surrogate_slope,
             projection_gains=config.projection_gains, engine=config.engine, bias=config.bias,
+            threshold_jitter=config.threshold_jitter, seed=config.seed,
         )
     circuit = circuit.to(device)
     enc_kw: Dict[str, Any] = {"dt_ms": config.dt_ms, "encoding": config.encoding, "hill_k": config.hill_k}
@@ -102,7 +107,19 @@ class DMNTrainer:
         self.episode = 0
         self.loss_history: List[Dict[str, float]] = []
         self.best_loss = math.inf
+        self.best_score = None
         self.last_good_path: Optional[Path] = None
+
+    def learning_rate_at(self, episode: int) -> float:
+        """Learning rate of ``episode``: constant, or cosine-decayed to
+        ``lr_final_fraction`` of the initial rate over ``num_episodes``. A pure
+        function of the episode index, so resumed runs follow the same schedule."""
+        lr = self.config.learning_rate
+        if self.config.lr_schedule == "constant" or self.config.num_episodes <= 1:
+            return lr
+        frac = min(max(episode / (self.config.num_episodes - 1), 0.0), 1.0)
+        lo = self.config.lr_final_fraction
+        return lr * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * frac)))
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.circuit.parameters() if p.requires_grad]
@@ -158,6 +175,8 @@ class DMNTrainer:
                 raise TrainingError(self._nan_message("gradient", self.episode))
             if self.config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.circuit.parameters(), self.config.grad_clip)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.learning_rate_at(self.episode)
             self.optimizer.step()
             self.circuit.check_finite()
             rec = {k: float(v.detach()) for k, v in terms.items()}
@@ -173,9 +192,20 @@ class DMNTrainer:
             records.append(rec)
             if progress is not None:
                 progress(rec)
+            validate = self.config.eval_episodes > 0 and self.episode % self.config.checkpoint_every == 0
+            if validate:
+                val = self.evaluate(self.config.eval_episodes, seed=VALIDATION_SEED, stream=VALIDATION_STREAM)
+                rec["val_success_rate"] = val["success_rate"]
+                rec["val_final_distance_mm"] = val["final_distance_to_goal_mean"]
             if out is not None:
                 self._log_metrics(out, rec)
-                if rec["total"] < self.best_loss:
+                # Best = highest validation success (ties: smaller final distance);
+                # without validation, lowest training loss.
+                score = (-rec["val_success_rate"], rec["val_final_distance_mm"]) if validate else None
+                if validate and (self.best_score is None or score < self.best_score):
+                    self.best_score = score
+                    self.save_checkpoint(out / "checkpoints" / "best", metrics={"validation": val})
+                elif not self.config.eval_episodes and rec["total"] < self.best_loss:
                     self.best_loss = rec["total"]
                     self.save_checkpoint(out / "checkpoints" / "best")
                 if self.episode % self.config.checkpoint_every == 0:
@@ -196,7 +226,8 @@ class DMNTrainer:
     def save_checkpoint(self, path: os.PathLike, metrics: Optional[Dict[str, Any]] = None) -> Path:
         rng = {"torch_cpu": torch.get_rng_state()}
         p = ckpt.save_checkpoint(path, self.circuit, self.config, self.episode, self.optimizer,
-                                 self.loss_history, metrics, rng, extra={"best_loss": self.best_loss})
+                                 self.loss_history, metrics, rng,
+                                 extra={"best_loss": self.best_loss, "best_score": self.best_score})
         self.last_good_path = p
         return p
 
@@ -209,21 +240,27 @@ class DMNTrainer:
         self.episode = int(meta.get("episode", 0))
         self.loss_history = list(meta.get("loss_history", []))
         self.best_loss = float(meta.get("extra", {}).get("best_loss", math.inf))
+        bs = meta.get("extra", {}).get("best_score")
+        self.best_score = tuple(bs) if bs is not None else None
         if ck.get("rng") and "torch_cpu" in ck["rng"]:
             torch.set_rng_state(ck["rng"]["torch_cpu"])
         self.last_good_path = Path(path)
 
     # -- evaluation ----------------------------------------------------------
     def evaluate(self, n_episodes: int = 50, seed: int = 12345, odor_removed: bool = False,
-                 episode_length: Optional[int] = None, batch_size: int = 25) -> Dict[str, Any]:
+                 episode_length: Optional[int] = None, batch_size: int = 25, stream: int = EVAL_STREAM) -> Dict[str, Any]:
         """Held-out episodes (stream EVAL, a seed not used in training)."""
-        return evaluate_agent(self.agent, self.config, n_episodes, seed, odor_removed, episode_length, batch_size,
-                              device=self.device)
+        was_training = self.circuit.training
+        try:
+            return evaluate_agent(self.agent, self.config, n_episodes, seed, odor_removed, episode_length, batch_size,
+                                  device=self.device, stream=stream)
+        finally:
+            self.circuit.train(was_training)
 
 
 def evaluate_agent(agent: NavigationAgent, config: TrainingConfig, n_episodes: int = 50, seed: int = 12345,
                    odor_removed: bool = False, episode_length: Optional[int] = None, batch_size: int = 25,
-                   device=None, return_rollouts: bool = False) -> Dict[str, Any]:
+                   device=None, return_rollouts: bool = False, stream: int = EVAL_STREAM) -> Dict[str, Any]:
     from .losses import TrajectoryAnalyzer
 
     T = int(episode_length or config.episode_length_steps)
@@ -234,7 +271,7 @@ def evaluate_agent(agent: NavigationAgent, config: TrainingConfig, n_episodes: i
     agent.circuit.eval()
     while done < n_episodes:
         b = min(batch_size, n_episodes - done)
-        g = episode_generator(seed, chunk, EVAL_STREAM)
+        g = episode_generator(seed, chunk, stream)
         with torch.no_grad():
             ro = agent.rollout(b, T, g, device=device, odor_removed=odor_removed)
         m = analyzer.compute_trajectory_metrics(ro.positions, ro.velocities, ro.source, success_radius_mm=radius,
