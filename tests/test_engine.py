@@ -450,3 +450,99 @@ def test_backward_time_chunking_is_exact(monkeypatch, chunk_elements):
     g_chunk = _grads(_loss(run_layered(x, circ.populations(), circ.projections(), record_membrane=True)), leaves)
     for a, b in zip(g_chunk, g_full):
         _close(a, b, torch.float64)
+
+
+# ---------------------------------------------------------------------------
+# binary-spike backward kernels (event-driven dW, sparse-weight dS)
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("density", [0.0, 0.003, 0.05, 0.6])
+def test_event_weight_grad_equals_gemm(dtype, density, monkeypatch):
+    """dW = G^T S over the events of binary S equals the GEMM, sparse or dense S,
+    also when the events are processed in several chunks."""
+    g = torch.Generator().manual_seed(21)
+    G = torch.randn(301, 37, generator=g, dtype=dtype)
+    sb = torch.rand(301, 53, generator=g) < density
+    ref = G.t() @ sb.to(dtype)
+    _close(engine._event_weight_grad(G, sb), ref, dtype)
+    _close(engine._weight_grad(G, sb), ref, dtype)  # whichever branch the density picks
+    monkeypatch.setattr(engine, "_EVENT_CHUNK_ELEMENTS", 37 * 5)  # 5 events per index_add
+    out = engine._event_weight_grad(G, sb)
+    assert out.shape == (37, 53) and out.dtype == dtype
+    _close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("density", [0.03, 0.9])
+def test_sparse_input_grad_equals_gemm(dtype, density, monkeypatch):
+    """dS = G W through the CSR of W^T on row blocks equals the dense GEMM (rows
+    not a multiple of the block, weights with and without many zeros)."""
+    g = torch.Generator().manual_seed(22)
+    W = torch.randn(70, 90, generator=g, dtype=dtype) * (torch.rand(70, 90, generator=g) < density)
+    G = torch.randn(333, 70, generator=g, dtype=dtype)
+    monkeypatch.setattr(engine, "_SPARSE_DGRAD_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(engine, "_SPARSE_DGRAD_DENSITY", 1.0)
+    csr = engine._sparse_weight_t(W)
+    assert csr is not None and csr.layout == torch.sparse_csr
+    _close(engine._input_grad(G, W, csr), G @ W, dtype)
+    monkeypatch.setattr(engine, "_SPARSE_DGRAD_DENSITY", 0.5)
+    assert (engine._sparse_weight_t(W) is None) == (density > 0.5)
+    _close(engine._input_grad(G, W, None), G @ W, dtype)
+
+
+_FORCE_SPARSE = {"_EVENT_WGRAD_DENSITY": 1.0, "_EVENT_WGRAD_MIN_POST": 1, "_SPARSE_DGRAD_DENSITY": 1.0,
+                 "_SPARSE_DGRAD_MIN_ELEMENTS": 0, "_DGRAD_ROWS": 7}
+_FORCE_DENSE = {"_EVENT_WGRAD_DENSITY": -1.0, "_EVENT_WGRAD_MIN_POST": 10**9, "_SPARSE_DGRAD_DENSITY": -1.0}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("density", [0.3, 0.9])
+def test_spike_kernels_match_reference(dtype, density, monkeypatch):
+    """With the event/sparse backward kernels forced on (and forced off), the
+    engine gives the reference's spikes exactly and its gradients to rounding,
+    for sparse and dense connectivity (hence sparse and dense spike trains)."""
+    circ = Circuit(dtype, seed=23, density=density)
+    x = _input(dtype=dtype, seed=24, T=50)
+    leaves = circ.leaves()
+    ref = run_reference(x, circ.populations(), circ.projections())
+    g_ref = _grads(_loss(ref), leaves)
+    assert all(ref[n].sum() > 0 for n in SIZES)
+    results = {}
+    for name, force in (("sparse", _FORCE_SPARSE), ("dense", _FORCE_DENSE)):
+        with monkeypatch.context() as mp:
+            for key, val in force.items():
+                mp.setattr(engine, key, val)
+            out = run_layered(x, circ.populations(), circ.projections())
+            for n in SIZES:
+                assert torch.equal(out[n], ref[n]), (name, n)
+            results[name] = _grads(_loss(out), leaves)
+            for a, b in zip(results[name], g_ref):
+                _close(a, b, dtype, snntorch=True)
+    for a, b in zip(results["sparse"], results["dense"]):
+        _close(a, b, dtype)
+
+
+def test_sparse_kernels_propagate_nonfinite_like_gemm(monkeypatch):
+    """NaN in the incoming gradient reaches the same entries as through the dense
+    GEMM (NaN * 0 = NaN), so overflowing BPTT fails identically on both paths."""
+    for key, val in _FORCE_SPARSE.items():
+        monkeypatch.setattr(engine, key, val)
+    g = torch.Generator().manual_seed(25)
+    W = torch.randn(20, 30, generator=g) * (torch.rand(20, 30, generator=g) < 0.2)
+    W[:, 0] = 0.0  # a presynaptic neuron without synapses
+    G = torch.randn(50, 20, generator=g)
+    G[3, 4] = float("nan")
+    sb = torch.rand(50, 30, generator=g) < 0.05
+    torch.testing.assert_close(engine._weight_grad(G, sb), G.t() @ sb.float(), equal_nan=True)
+    spikes = torch.rand(6, 9, 30, generator=g) < 0.05
+    x = spikes.float().requires_grad_()
+    w = W.clone().requires_grad_()
+    out = engine._DelayedDense.apply(x, torch.zeros(9, 30), w)
+    gx, gw = torch.autograd.grad(out, (x, w), torch.nan_to_num(torch.full_like(out, float("nan")), nan=1.0).index_put_(
+        (torch.tensor([2]), torch.tensor([1]), torch.tensor([4])), torch.tensor(float("nan"))))
+    ref_x = torch.zeros(6, 9, 30)
+    gref = torch.ones(6, 9, 20)
+    gref[2, 1, 4] = float("nan")
+    ref_x[:-1] = gref[1:] @ W
+    torch.testing.assert_close(gx, ref_x, equal_nan=True)
+    assert bool(gx[1, 1, 0].isnan())  # through a zero weight, as the GEMM does
