@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, DMNError
 
 FORMAT = "dmn-neuro-checkpoint"
 FORMAT_VERSION = 1
@@ -36,6 +36,7 @@ def _atomic_dir_write(path: Path, writer) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
+    old = None
     try:
         writer(tmp)
         old = None
@@ -47,6 +48,8 @@ def _atomic_dir_write(path: Path, writer) -> Path:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not path.exists():
+            os.replace(old, path)
         raise
     return path
 
@@ -105,9 +108,26 @@ def save_checkpoint(
     return _atomic_dir_write(Path(path), writer)
 
 
+def recover_checkpoint(path) -> bool:
+    """Finish an interrupted atomic save: if ``path`` is missing but the
+    previous version was moved aside (a crash between the two renames), move
+    it back. Returns whether something was recovered."""
+    path = Path(path)
+    if path.exists() or not path.parent.is_dir():
+        return False
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not olds:
+        return False
+    os.replace(olds[-1], path)
+    for stale in olds[:-1]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return True
+
+
 def read_checkpoint(path) -> Dict[str, Any]:
     """Read and validate a checkpoint directory (tensors + metadata), building nothing."""
     path = Path(path)
+    recover_checkpoint(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if not path.is_dir():
@@ -121,6 +141,9 @@ def read_checkpoint(path) -> Dict[str, Any]:
         raise CheckpointError(f"checkpoint {path}: checkpoint.json is corrupt ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: not a dmn-neuro checkpoint")
+    missing = [k for k in ("config", "structure", "circuit") if k not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: checkpoint.json lacks {', '.join(missing)}")
     out: Dict[str, Any] = {"meta": meta, "path": path}
     for name in ("model", "optimizer", "rng"):
         f = path / f"{name}.safetensors"
@@ -147,12 +170,12 @@ def load_circuit(path, device=None, engine: Optional[str] = None):
     try:
         structure = CircuitStructure.from_json(meta["structure"])
         kw = dict(meta["circuit"])
-    except KeyError as exc:
-        raise CheckpointError(f"checkpoint {path}: missing {exc}") from None
-    kw["neuron_params"] = {k: tuple(v) for k, v in kw.get("neuron_params", {}).items()}
-    if engine is not None:
-        kw["engine"] = engine
-    circuit = DifferentiableOlfactoryCircuit(structure=structure, **kw)
+        kw["neuron_params"] = {k: tuple(v) for k, v in kw.get("neuron_params", {}).items()}
+        if engine is not None:
+            kw["engine"] = engine
+        circuit = DifferentiableOlfactoryCircuit(structure=structure, **kw)
+    except (KeyError, TypeError, ValueError, AttributeError, DMNError) as exc:
+        raise CheckpointError(f"checkpoint {path}: cannot rebuild the circuit ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     sd = ck["model"]
     for k, v in sd.items():
         if v.is_floating_point() and not torch.all(torch.isfinite(v)):

@@ -37,12 +37,18 @@ class DMNGroup(click.Group):
 
 @click.group(cls=DMNGroup)
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("--threads", type=click.IntRange(min=1), envvar="DMN_NEURO_THREADS", default=None,
+              help="CPU threads for torch (default: torch's choice; 1 is fastest on small shared machines).")
 @click.version_option(package_name="dmn-neuro")
-def cli(verbose: int) -> None:
+def cli(verbose: int, threads: Optional[int]) -> None:
     """dmn-neuro: train connectome-constrained spiking circuits of the fly
     olfactory system and export them to neuromorphic hardware."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _register() -> None:

@@ -52,6 +52,9 @@ def train(config_path, source, episodes, steps, batch_size, seed, device, engine
     circuit, encoder, arena, agent, loss_fn = build_components(cfg)
     trainer = DMNTrainer(circuit, loss_fn, cfg, environment=arena, encoder=encoder)
     last = out / "checkpoints" / "last"
+    from .checkpoint import recover_checkpoint
+
+    recover_checkpoint(last)
     if resume and last.exists():
         trainer.load_checkpoint(last)
         click.echo(f"resumed from {last} at episode {trainer.episode}", err=True)

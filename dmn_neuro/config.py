@@ -108,13 +108,26 @@ class TrainingConfig:
             raise ConfigError(f"config: engine must be 'snntorch' or 'fused', got {self.engine!r}")
         if self.encoding not in ENCODINGS:
             raise ConfigError(f"config: encoding must be one of {ENCODINGS}, got {self.encoding!r}")
-        if not 0.0 <= float(self.contralateral_fraction) <= 0.5:
+        if self.hill_k is not None:
+            positive("hill_k")
+        if self.current_per_hz is not None:
+            positive("current_per_hz")
+        try:
+            cf = float(self.contralateral_fraction)
+        except (TypeError, ValueError):
+            cf = math.nan
+        if not 0.0 <= cf <= 0.5:
             raise ConfigError(f"config: contralateral_fraction must be in [0, 0.5], got {self.contralateral_fraction!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"config: seed must be an integer, got {self.seed!r}")
         for name in ("source_options", "projection_gains", "arena"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"config: {name} must be a mapping, got {getattr(self, name)!r}")
+        from .arena import ArenaConfig
+
+        unknown = sorted(set(self.arena) - {f.name for f in dataclasses.fields(ArenaConfig)})
+        if unknown:
+            raise ConfigError(f"config: unknown arena key(s) {', '.join(map(str, unknown))}")
         self.odors = tuple(str(o) for o in self.odors)
         self.num_episodes = int(self.num_episodes)
         self.episode_length_steps = int(self.episode_length_steps)
