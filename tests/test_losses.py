@@ -33,9 +33,17 @@ def test_golden_values():
     positions, velocities, kc = _tiny()
     out = _loss()(positions, velocities, {"KC": kc})
     assert set(out) == {"navigation", "energy", "sparsity", "activity", "total"}
-    # navigation: n = [1, .6, .3] and [1, 1.2, 1.5]; weights [1, 2, 3] / 6
-    nav0 = (1 + 2 * 0.6 + 3 * 0.3) / 6 + 0.3
-    nav1 = (1 + 2 * 1.2 + 3 * 1.5) / 6 + 1.5 + 0.5  # + no-progress penalty relu(1.5 - 1)
+    # navigation: n = [1, .6, .3] and [1, 1.2, 1.5] (d0 = 10 mm); weights [1, 2, 3] / 6
+    # + final n_T + no_progress_weight (1) * (relu(n_T - 1) + mean_t g_t (1 - p_t)).
+    # Per-step progress p_t = (d_{t-1} - d_t) / (20 mm/s * 1 ms) = (d_{t-1} - d_t) / 0.02 mm,
+    # with d_{-1} = the start distance (row 0 is the start): gate g_t = [d_{t-1} > 0.1 * 10 mm] = 1 throughout.
+    # episode 0: d = 10, 6, 3   -> p = 0, 200, 150  -> mean(1 - p) = (1 - 199 - 149) / 3
+    # episode 1: d = 10, 12, 15 -> p = 0, -100, -150 -> mean(1 - p) = (1 + 101 + 151) / 3
+    stalled0 = (1 - 199 - 149) / 3
+    stalled1 = (1 + 101 + 151) / 3
+    nav0 = (1 + 2 * 0.6 + 3 * 0.3) / 6 + 0.3 + (0.0 + stalled0)
+    nav1 = (1 + 2 * 1.2 + 3 * 1.5) / 6 + 1.5 + (0.5 + stalled1)  # relu(1.5 - 1) = 0.5
+    assert (nav0 + nav1) / 2 == pytest.approx(-13.6)  # hand arithmetic: (11/6 + 2.3 - 94/3) / 2
     assert out["navigation"].item() == pytest.approx((nav0 + nav1) / 2, rel=1e-6)
     # energy: mean |v|^2 = (16 + 9 + 4 + 9) / 4 over the 20 mm/s reference speed squared
     assert out["energy"].item() == pytest.approx(9.5 / 400, rel=1e-6)
@@ -48,6 +56,28 @@ def test_golden_values():
     total = out["navigation"] + 0.01 * out["energy"] + 0.1 * out["sparsity"] + 0.01 * out["activity"]
     assert out["total"].item() == pytest.approx(total.item(), rel=1e-7)
     assert out["total"].item() == pytest.approx((nav0 + nav1) / 2 + 0.01 * 9.5 / 400 + 0.1 * 0.25 + 0.01 * act, rel=1e-6)
+
+
+def test_navigation_no_progress_gate_and_weight():
+    """The per-step no-progress penalty switches off once within arrival_fraction * d0 of the goal."""
+    # one episode, goal at 0, d0 = 10 mm; reference step = 4000 mm/s * 1 ms = 4 mm
+    pos = torch.tensor([[[10.0, 0, 0]], [[6.0, 0, 0]], [[0.5, 0, 0]], [[0.5, 0, 0]], [[2.5, 0, 0]]])
+    vel = torch.zeros(4, 1, 3)
+    kw = dict(velocity_scale_mm_s=4000.0, sparsity_weight=0.0, activity_weight=0.0, energy_weight=0.0)
+    # d = 10, 6, .5, .5, 2.5 ; d_prev = 10, 10, 6, .5, .5 ; p = 0, 1, 1.375, 0, -0.5
+    # gate (d_prev > 1 mm) = 1, 1, 1, 0, 0 -> stalled = (1 + 0 - 0.375 + 0 + 0) / 5
+    n = torch.tensor([1.0, 0.6, 0.05, 0.05, 0.25])
+    weighted = float((torch.arange(1, 6) * n).sum() / 15)
+    stalled = (1 + 0 - 0.375) / 5
+    out = _loss(**kw)(pos, vel)
+    assert out["navigation"].item() == pytest.approx(weighted + 0.25 + stalled, rel=1e-6)
+    assert out["total"].item() == pytest.approx(out["navigation"].item(), rel=1e-7)
+    # no_progress_weight scales only the no-progress part
+    out0 = _loss(no_progress_weight=0.0, **kw)(pos, vel)
+    assert out0["navigation"].item() == pytest.approx(weighted + 0.25, rel=1e-6)
+    # with arrival_fraction 0 the gate never closes: the last two steps count too
+    outg = _loss(arrival_fraction=0.0, **kw)(pos, vel)
+    assert outg["navigation"].item() == pytest.approx(weighted + 0.25 + (1 + 0 - 0.375 + 1 + 1.5) / 5, rel=1e-6)
 
 
 def test_goal_and_start_overrides():
