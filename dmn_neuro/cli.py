@@ -6,10 +6,7 @@ stderr and a non-zero exit (never a traceback).
 """
 from __future__ import annotations
 
-import json
 import logging
-import sys
-from pathlib import Path
 from typing import Optional
 
 import click

@@ -9,7 +9,7 @@ from typing import Optional
 
 import click
 
-from .errors import CheckpointError, ConfigError, DMNError
+from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Dict, Optional, Sequence
 import click
 import numpy as np
 
-from dmn_neuro.errors import ConfigError, ExportError
+from dmn_neuro.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from dmn_neuro import checkpoint as ckpt
@@ -18,34 +17,15 @@ from dmn_neuro.checkpoint import load_circuit, read_checkpoint, save_checkpoint
 from dmn_neuro.config import TrainingConfig
 from dmn_neuro.errors import CheckpointError
 from dmn_neuro.inference import run_open_loop
-from dmn_neuro.training import DMNTrainer, build_components
+from dmn_neuro.training import build_components
 
-REPO = Path(__file__).resolve().parent.parent
-TINY_YAML = REPO / "examples" / "configs" / "tiny.yaml"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _isolated(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("DMN_NEURO_CACHE", str(tmp_path_factory.mktemp("dmn_cache")))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    mp.undo()
+from _helpers import REPO, make_trainer, tiny_config
 
 
-def tiny_config(**overrides) -> TrainingConfig:
-    d = yaml.safe_load(TINY_YAML.read_text())
-    d.update(device="cpu")
-    d.update(overrides)
-    return TrainingConfig.from_dict(d)
 
 
-def make_trainer(cfg: TrainingConfig) -> DMNTrainer:
-    torch.manual_seed(cfg.seed)
-    circuit, encoder, arena, _agent, loss_fn = build_components(cfg)
-    return DMNTrainer(circuit, loss_fn, cfg, environment=arena, encoder=encoder)
+
+
 
 
 @pytest.fixture(scope="module")

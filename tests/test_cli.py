@@ -26,17 +26,6 @@ DMN = REPO / ".venv" / "bin" / "dmn-neuro"
 POPULATIONS = ["ORN", "PN", "KC", "APL", "MBON", "DN"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _isolated(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("DMN_NEURO_CACHE", str(tmp_path_factory.mktemp("dmn_cache")))
-    mp.setenv("OMP_NUM_THREADS", "1")
-    mp.setenv("MPLBACKEND", "Agg")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    mp.undo()
 
 
 def invoke(*args: str, env=None):

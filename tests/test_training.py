@@ -22,33 +22,13 @@ from dmn_neuro.config import TrainingConfig, resolve_device
 from dmn_neuro.errors import ConfigError, TrainingError
 from dmn_neuro.training import TRAIN_STREAM, DMNTrainer, build_components
 
-REPO = Path(__file__).resolve().parent.parent
-TINY_YAML = REPO / "examples" / "configs" / "tiny.yaml"
+from _helpers import TINY_YAML, make_trainer, tiny_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _isolated(tmp_path_factory):
-    """Connectome cache in a temporary directory (never ~/.cache); one torch thread."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("DMN_NEURO_CACHE", str(tmp_path_factory.mktemp("dmn_cache")))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    mp.undo()
 
 
-def tiny_config(**overrides) -> TrainingConfig:
-    d = yaml.safe_load(TINY_YAML.read_text())
-    d.update(device="cpu")
-    d.update(overrides)
-    return TrainingConfig.from_dict(d)
 
 
-def make_trainer(cfg: TrainingConfig) -> DMNTrainer:
-    torch.manual_seed(cfg.seed)  # as `dmn-neuro train` does
-    circuit, encoder, arena, _agent, loss_fn = build_components(cfg)
-    return DMNTrainer(circuit, loss_fn, cfg, environment=arena, encoder=encoder)
 
 
 def test_tiny_config_is_valid_and_small():
