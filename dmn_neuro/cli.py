@@ -57,9 +57,11 @@ def _register() -> None:
     cli.add_command(evaluate)
     cli.add_command(run)
     from exporters.cli import export, verify
+    from exporters.cli_qat import quantize_cmd
 
     cli.add_command(export)
     cli.add_command(verify)
+    cli.add_command(quantize_cmd)
 
 
 _register()

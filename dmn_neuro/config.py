@@ -17,6 +17,10 @@ from . import semantics
 from .errors import ConfigError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+#: Arena settings the shipped model was trained with (overrides of ArenaConfig's
+#: defaults): exponential plume (constant bilateral contrast, sharp peak at the
+#: source), smoothed motor command, model-scale antennae 3 mm apart.
+DEFAULT_ARENA = {"plume": "exponential", "plume_d0_mm": 15.0, "motor_tau_ms": 100.0, "antenna_lateral_mm": 1.5}
 DEVICES = ("auto", "cpu", "cuda")
 ENCODINGS = ("rate", "poisson")
 
@@ -61,7 +65,7 @@ class TrainingConfig:
     bias: Optional[Dict[str, float]] = None
     threshold_jitter: Optional[Dict[str, float]] = None
     odors: Tuple[str, ...] = ()
-    arena: Dict[str, Any] = field(default_factory=dict)
+    arena: Dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ARENA))
     # loss weights (CombinedLoss)
     navigation_weight: float = 1.0
     energy_weight: float = 0.01

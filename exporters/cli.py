@@ -26,6 +26,9 @@ FORMATS = ("nir", "lava")
 TARGETS = ("nir", "lava", "lava-fixed")
 #: Concentrations cycled over the verification odors (fraction of the Hallem 10^-2 dilution).
 VERIFY_CONCENTRATIONS = (0.05, 0.3, 1.0)
+#: Seed of the verification input (Poisson ORN spikes): the same input every run,
+#: so that pass/fail is reproducible.
+VERIFY_SEED = 0
 
 
 def _load(checkpoint):
@@ -37,16 +40,17 @@ def _load(checkpoint):
     return circuit, cfg, ck
 
 
-def verification_input(circuit, cfg, odors: Sequence[str], steps: int) -> np.ndarray:
+def verification_input(circuit, cfg, odors: Sequence[str], steps: int, seed: int = VERIFY_SEED) -> np.ndarray:
     """ORN input ``[steps, len(odors) * len(VERIFY_CONCENTRATIONS), n_orn]``: each
-    odor at several concentrations, with the checkpoint's own encoder."""
+    odor at several concentrations, with the checkpoint's own encoder (seeded)."""
     import torch
 
     from dmn_neuro.odors import static_odor_input
     from dmn_neuro.training import build_components
 
     _, encoder, _, _, _ = build_components(cfg.replace(odors=[]), circuit=circuit, device=torch.device("cpu"))
-    xs = [np.asarray(static_odor_input(encoder, list(odors), steps, concentration=c), dtype=np.float64)
+    gen = torch.Generator().manual_seed(int(seed))
+    xs = [np.asarray(static_odor_input(encoder, list(odors), steps, concentration=c, generator=gen), dtype=np.float64)
           for c in VERIFY_CONCENTRATIONS]
     return np.concatenate(xs, axis=1)
 
@@ -122,11 +126,12 @@ def closed_loop_success(circuit, cfg, stepper=None, episodes: int = 50, seed: in
 @click.option("--target", required=True, type=click.Choice(TARGETS))
 @click.option("--steps", type=int, default=1000, show_default=True, help="Open-loop steps compared (>= 1000 to pass).")
 @click.option("--odors", default=None, help="Comma-separated Hallem odors (default: the trained odors plus others).")
+@click.option("--seed", type=int, default=VERIFY_SEED, show_default=True, help="Seed of the Poisson ORN input.")
 @click.option("--closed-loop-episodes", type=int, default=50, show_default=True, help="lava-fixed: held-out episodes for the navigation gate.")
 @click.option("--export-dir", type=click.Path(file_okay=False), default=None, help="Keep the exported model here (default: a temporary directory).")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None, help="Write verification.json and verification.png here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def verify(checkpoint, target, steps, odors, closed_loop_episodes, export_dir, report_dir, as_json):
+def verify(checkpoint, target, steps, odors, seed, closed_loop_episodes, export_dir, report_dir, as_json):
     """Run the export in its target simulator and compare spikes with the trained model (exit 0 = pass)."""
     from dmn_neuro.inference import run_open_loop
 
@@ -136,13 +141,13 @@ def verify(checkpoint, target, steps, odors, closed_loop_episodes, export_dir, r
         raise ConfigError(f"--steps must be positive, got {steps}")
     circuit, cfg, ck = _load(checkpoint)
     odor_list = [o.strip() for o in odors.split(",") if o.strip()] if odors else default_odors(cfg)
-    x = verification_input(circuit, cfg, odor_list, steps)
+    x = verification_input(circuit, cfg, odor_list, steps, seed)
     spec = circuit.to_spec(metadata={"checkpoint": str(checkpoint)})
     reference = run_open_loop(circuit, x)
     tmp = None
     workdir = Path(export_dir) if export_dir else Path(tempfile.mkdtemp(prefix="dmn-neuro-verify-"))
     tmp = None if export_dir else workdir
-    closed: Dict[str, object] = {"odors": odor_list, "concentrations": list(VERIFY_CONCENTRATIONS)}
+    closed: Dict[str, object] = {"odors": odor_list, "concentrations": list(VERIFY_CONCENTRATIONS), "seed": seed}
     tol = tolerance_for(target)
     try:
         if target == "nir":

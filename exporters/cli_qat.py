@@ -1,0 +1,108 @@
+"""``dmn-neuro quantize``: put a checkpoint on the Loihi 2 fixed-point grid (optionally after QAT).
+
+The new checkpoint's float model is what the fixed-point export computes, up
+to Loihi's membrane truncation (partly compensated, see :mod:`exporters.qat`),
+so ``dmn-neuro verify NEW --target lava-fixed`` compares like with like, and
+``--target nir``/``lava`` stay exact.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Dict
+
+import click
+
+from dmn_neuro.errors import ConfigError
+
+from . import qat
+
+logger = logging.getLogger(__name__)
+
+
+def _quantisation_summary(rep: Dict[str, Any]) -> Dict[str, Any]:
+    pops = {k: {"vth": v["vth"], "dv": v["dv"], "decay_error": v["decay_error"], "bias_error_max": v["bias_error_max"]}
+            for k, v in rep["populations"].items()}
+    projs = {k: {"rel_weight_error": v["rel_weight_error"], "max_abs_weight_error": v["max_abs_weight_error"],
+                 "zeroed_fraction": v["zeroed_fraction"]} for k, v in rep["projections"].items()}
+    return {"populations": pops, "projections": projs}
+
+
+def quantize_checkpoint(checkpoint, out, finetune_episodes: int = 0, weight_bits: int = 8,
+                        snap_options: Dict[str, Any] = None, progress=None) -> Dict[str, Any]:
+    """Load ``checkpoint``, optionally fine-tune with fake quantisation, snap, save to ``out``.
+
+    Returns the report printed by the command: ``quantisation_before`` (the
+    rounding error of the loaded model, per population/projection),
+    ``quantisation_after`` (of the saved one), ``snap`` (parameter changes,
+    see :func:`exporters.qat.snap_circuit_to_grid`) and ``finetune`` (episode
+    losses). The optimiser state is not carried over (the parameters moved).
+    """
+    from dmn_neuro.checkpoint import load_circuit, save_checkpoint
+    from dmn_neuro.config import TrainingConfig
+
+    from .fixed_point import quantize
+
+    if finetune_episodes < 0:
+        raise ConfigError(f"--finetune-episodes must be >= 0, got {finetune_episodes}")
+    circuit, ck = load_circuit(checkpoint)
+    meta = ck["meta"]
+    cfg = TrainingConfig.from_dict(meta["config"]).replace(device="cpu")
+    qopts = {"weight_bits": int(weight_bits)}
+    before = _quantisation_summary(quantize(circuit.to_spec(), **qopts).report)
+    records = []
+    episode = int(meta.get("episode", 0))
+    if finetune_episodes > 0:
+        from dmn_neuro.training import DMNTrainer, build_components
+
+        circuit, _, _, _, loss_fn = build_components(cfg, circuit=circuit)
+        trainer = DMNTrainer(circuit, loss_fn, cfg)
+        trainer.episode = episode
+        res = qat.qat_finetune(trainer, finetune_episodes, progress=progress, snap_options=snap_options, **qopts)
+        snap, records, episode = res["snap"], res["records"], trainer.episode
+        circuit = trainer.circuit
+    else:
+        snap = qat.snap_circuit_to_grid(circuit, **dict(snap_options or {}), **qopts)
+    history = list(meta.get("loss_history", [])) + [{"episode": r["episode"], "total": r["total"]} for r in records]
+    extra = dict(meta.get("extra", {}))
+    extra["fixed_point_snap"] = {"source": str(checkpoint), "finetune_episodes": int(finetune_episodes),
+                                 "weight_bits": int(weight_bits), "compensation": snap["compensation"],
+                                 "biases_added": snap["biases_added"]}
+    path = save_checkpoint(out, circuit.float(), cfg, episode, None, history, meta.get("metrics", {}), None, extra)
+    return {"checkpoint": str(path), "source": str(checkpoint), "finetune_episodes": int(finetune_episodes),
+            "finetune": [{k: r[k] for k in ("episode", "total") if k in r} for r in records],
+            "quantisation_before": before, "quantisation_after": _quantisation_summary(snap["quantisation"]),
+            "snap": {k: v for k, v in snap.items() if k != "quantisation"}}
+
+
+@click.command("quantize")
+@click.argument("checkpoint", type=click.Path())
+@click.option("-o", "--out", "out", required=True, type=click.Path(), help="Directory of the new checkpoint.")
+@click.option("--finetune-episodes", type=int, default=0, show_default=True,
+              help="Quantisation-aware fine-tuning episodes (straight-through estimator) before snapping.")
+@click.option("--weight-bits", type=int, default=8, show_default=True, help="As for `export --fixed-point`.")
+@click.option("--truncation-bias-lsb", type=float, default=qat.TRUNCATION_BIAS_LSB, show_default=True)
+@click.option("--threshold-margin-lsb", type=float, default=qat.THRESHOLD_MARGIN_LSB, show_default=True)
+@click.option("--leak-lsb", type=float, default=qat.LEAK_LSB, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def quantize_cmd(checkpoint, out, finetune_episodes, weight_bits, truncation_bias_lsb, threshold_margin_lsb,
+                 leak_lsb, as_json):
+    """Snap a checkpoint onto the Loihi 2 fixed-point grid and save it as a new checkpoint."""
+    snap_options = {"truncation_bias_lsb": truncation_bias_lsb, "threshold_margin_lsb": threshold_margin_lsb,
+                    "leak_lsb": leak_lsb}
+    progress = None if as_json else (lambda r: click.echo(f"qat episode {r['episode']}: loss {r['total']:.4f}"))
+    rep = quantize_checkpoint(checkpoint, out, finetune_episodes, weight_bits, snap_options, progress)
+    if as_json:
+        click.echo(json.dumps(rep, default=float))
+        return
+    click.echo(f"wrote {rep['checkpoint']} (snapped to the fixed-point grid, {rep['snap']['rounds']} round(s))")
+    click.echo(f"{'population':<12}{'vth':>7}{'dv':>6}{'decay err':>12}{'bias err':>12}{'beta delta':>13}")
+    for name, p in rep["quantisation_before"]["populations"].items():
+        s = rep["snap"]["populations"][name]
+        click.echo(f"{name:<12}{s['vth']:>7}{s['dv']:>6}{p['decay_error']:>12.2e}{p['bias_error_max']:>12.2e}"
+                   f"{s['beta_delta']:>13.2e}")
+    click.echo(f"{'projection':<12}{'rel err':>10}{'max err':>10}{'zeroed':>8}{'max delta':>12}")
+    for name, q in rep["quantisation_before"]["projections"].items():
+        s = rep["snap"]["projections"][name]
+        click.echo(f"{name:<12}{q['rel_weight_error']:>10.2e}{q['max_abs_weight_error']:>10.2e}"
+                   f"{s['became_zero']:>8}{s['max_abs_delta_thresholds']:>12.2e}")
