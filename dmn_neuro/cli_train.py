@@ -31,9 +31,10 @@ def _load_config(config_path: Optional[str], **overrides):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
 @click.option("--engine", type=click.Choice(["fused", "snntorch"]), default=None)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last if it exists.")
+@click.option("--init-from", type=click.Path(), default=None, help="Fine-tune: start this run from a checkpoint's weights, optimiser state and episode count (fresh best-checkpoint tracking).")
 @click.option("--figure-episodes", "--eval-episodes", "figure_episodes", type=int, default=20, show_default=True, help="Episodes for the before/after trajectory figure and summary (0: none).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory.")
-def train(config_path, source, episodes, steps, batch_size, seed, device, engine, resume, figure_episodes, out_dir):
+def train(config_path, source, episodes, steps, batch_size, seed, device, engine, resume, init_from, figure_episodes, out_dir):
     """Train the circuit by BPTT in the odor arena.
 
     Writes OUT/metrics.jsonl, OUT/checkpoints/{last,best}, OUT/config.yaml,
@@ -60,6 +61,10 @@ def train(config_path, source, episodes, steps, batch_size, seed, device, engine
         click.echo(f"resumed from {last} at episode {trainer.episode}", err=True)
     elif out.exists() and (out / "metrics.jsonl").exists() and not resume:
         raise ConfigError(f"run directory {out} already holds a run; use --resume or another --out")
+    elif init_from:
+        trainer.load_checkpoint(init_from)
+        trainer.best_score, trainer.best_loss = None, float("inf")
+        click.echo(f"initialised from {init_from} at episode {trainer.episode}", err=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     before = None
