@@ -87,8 +87,25 @@ class ProjectionSpec:
         return f"{self.pre}->{self.post}"
 
 
+class PopulationLookup:
+    """Name-based access to ``self.populations`` shared by circuit specs
+    (float here, fixed point in :mod:`exporters.fixed_point`)."""
+
+    lookup_error = SpecError
+
+    @property
+    def population_names(self) -> List[str]:
+        return [p.name for p in self.populations]
+
+    def population(self, name: str):
+        for p in self.populations:
+            if p.name == name:
+                return p
+        raise self.lookup_error(f"unknown population {name!r}; known: {self.population_names}")
+
+
 @dataclass
-class CircuitSpec:
+class CircuitSpec(PopulationLookup):
     populations: List[PopulationSpec]
     projections: List[ProjectionSpec]
     semantics: NeuronSemantics = field(default_factory=NeuronSemantics)
@@ -113,16 +130,6 @@ class CircuitSpec:
                 raise SpecError(f"type mismatch: {proj.name}: weight {proj.weight.shape}, expected {want}")
 
     # -- access -------------------------------------------------------------
-    @property
-    def population_names(self) -> List[str]:
-        return [p.name for p in self.populations]
-
-    def population(self, name: str) -> PopulationSpec:
-        for p in self.populations:
-            if p.name == name:
-                return p
-        raise SpecError(f"unknown population {name!r}; known: {self.population_names}")
-
     def incoming(self, name: str) -> List[ProjectionSpec]:
         return [p for p in self.projections if p.post == name]
 

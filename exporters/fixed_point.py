@@ -36,7 +36,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import numpy as np
 
 from dmn_neuro.errors import ExportError
-from dmn_neuro.spec import CircuitSpec
+from dmn_neuro.spec import CircuitSpec, PopulationLookup
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +112,10 @@ class FixedProjection:
 
 
 @dataclass
-class FixedPointSpec:
+class FixedPointSpec(PopulationLookup):
     """A circuit in Loihi 2 fixed point, plus the quantisation report."""
+
+    lookup_error = ExportError
 
     populations: List[FixedPopulation]
     projections: List[FixedProjection]
@@ -138,15 +140,6 @@ class FixedPointSpec:
             if q.weight.shape != (sizes[q.post], sizes[q.pre]):
                 raise ExportError(f"fixed-point projection {q.name}: weight {q.weight.shape}, expected {(sizes[q.post], sizes[q.pre])}")
 
-    @property
-    def population_names(self) -> List[str]:
-        return [p.name for p in self.populations]
-
-    def population(self, name: str) -> FixedPopulation:
-        for p in self.populations:
-            if p.name == name:
-                return p
-        raise ExportError(f"unknown population {name!r}; known: {self.population_names}")
 
     def quantise_input(self, x: np.ndarray) -> np.ndarray:
         """Real-valued ORN current ``[..., n_in]`` -> the int32 graded messages Lava receives."""
