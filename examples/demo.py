@@ -20,12 +20,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PRETRAINED = HERE / "pretrained" / "flywire_mb_navigator"
+#: The same model after quantisation-aware fine-tuning onto the Loihi 2 grid
+#: (dmn-neuro quantize): the one the fixed-point target is verified on.
+PRETRAINED_LOIHI = HERE / "pretrained" / "flywire_mb_navigator_loihi"
 QUICK = HERE / "configs" / "quick.yaml"
 
 
 def sh(*args: str, capture: bool = False) -> str:
-    cmd = [sys.executable, "-m", "dmn_neuro.cli", *args]
-    print("\n$ dmn-neuro " + " ".join(args), flush=True)
+    cmd = [sys.executable, "-m", "dmn_neuro.cli", "--threads", "1", *args]
+    print("\n$ dmn-neuro --threads 1 " + " ".join(args), flush=True)
     t0 = time.perf_counter()
     res = subprocess.run(cmd, text=True, stdout=subprocess.PIPE if capture else None)
     if capture and res.stdout:
@@ -49,24 +52,29 @@ def main() -> None:
     if args.train or not (PRETRAINED / "model.safetensors").exists():
         sh("train", "--config", str(QUICK), "--out", str(out / "run"))
         ckpt = out / "run" / "checkpoints" / "best"
+        sh("quantize", str(ckpt), "-o", str(out / "run" / "loihi"), "--finetune-episodes", "20")
+        ckpt_loihi = out / "run" / "loihi"
     else:
-        ckpt = PRETRAINED
+        ckpt, ckpt_loihi = PRETRAINED, PRETRAINED_LOIHI
     ev = json.loads(sh("evaluate", str(ckpt), "--episodes", "50", "--out", str(out / "evaluation"), "--json", capture=True))
     noodor = json.loads(sh("evaluate", str(ckpt), "--episodes", "50", "--odor-removed", "--out", str(out / "evaluation"), "--json", capture=True))
+    ev_loihi = json.loads(sh("evaluate", str(ckpt_loihi), "--episodes", "50", "--out", str(out / "evaluation_loihi"), "--json", capture=True))
     sh("export", str(ckpt), "--format", "nir", "-o", str(out / "export" / "model.nir"))
     targets = ["nir"] if args.skip_lava else ["nir", "lava", "lava-fixed"]
     if not args.skip_lava:
         sh("export", str(ckpt), "--format", "lava", "-o", str(out / "export" / "lava_float"))
-        sh("export", str(ckpt), "--format", "lava", "--fixed-point", "-o", str(out / "export" / "lava_fixed"))
+        sh("export", str(ckpt_loihi), "--format", "lava", "--fixed-point", "-o", str(out / "export" / "lava_fixed"))
     results = {}
     for target in targets:
-        text = sh("verify", str(ckpt), "--target", target, "--steps", "1000", "--report", str(out / "verify" / target),
+        model = ckpt_loihi if target == "lava-fixed" else ckpt
+        text = sh("verify", str(model), "--target", target, "--steps", "1000", "--report", str(out / "verify" / target),
                   "--json", capture=True)
         results[target] = json.loads(text)
 
     print("\n== summary ==")
     print(f"navigation success (50 held-out episodes): {ev['success_rate']:.0%}  |  odor removed: {noodor['success_rate']:.0%}"
           f"  |  KC sparsity {ev['kc_sparsity']:.3f} (target {ev['kc_sparsity_target']})")
+    print(f"Loihi-grid model (after quantisation-aware fine-tuning): success {ev_loihi['success_rate']:.0%}")
     pops = list(next(iter(results.values()))["mismatch_fraction"])
     print(f"{'target':12s} {'passed':7s} " + " ".join(f"{p:>8s}" for p in pops))
     for target, r in results.items():
