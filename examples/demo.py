@@ -26,12 +26,12 @@ PRETRAINED_LOIHI = HERE / "pretrained" / "flywire_mb_navigator_loihi"
 QUICK = HERE / "configs" / "quick.yaml"
 
 
-def sh(*args: str, capture: bool = False) -> str:
+def sh(*args: str, capture: bool = False, echo: bool = True) -> str:
     cmd = [sys.executable, "-m", "dmn_neuro.cli", "--threads", "1", *args]
     print("\n$ dmn-neuro --threads 1 " + " ".join(args), flush=True)
     t0 = time.perf_counter()
     res = subprocess.run(cmd, text=True, stdout=subprocess.PIPE if capture else None)
-    if capture and res.stdout:
+    if capture and echo and res.stdout:
         print(res.stdout.rstrip())
     print(f"  ({time.perf_counter() - t0:.1f} s, exit {res.returncode})", flush=True)
     if res.returncode != 0 and "verify" not in args:
@@ -68,7 +68,7 @@ def main() -> None:
     for target in targets:
         model = ckpt_loihi if target == "lava-fixed" else ckpt
         text = sh("verify", str(model), "--target", target, "--steps", "1000", "--report", str(out / "verify" / target),
-                  "--json", capture=True)
+                  "--json", capture=True, echo=False)
         results[target] = json.loads(text)
 
     print("\n== summary ==")
