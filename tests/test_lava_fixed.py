@@ -143,7 +143,7 @@ NETX_SCRIPT = textwrap.dedent("""
     from lava.magma.core.run_configs import Loihi2SimCfg
     sys.path.insert(0, sys.argv[4])
     from worker import SpikeSink
-    net = hdf5.Network(net_config=sys.argv[1], has_graded_input=True)
+    net = hdf5.Network(net_config=sys.argv[1], input_message_bits=24)
     xq = np.load(sys.argv[2])  # [T, n_in] int32
     T = xq.shape[0]
     src = RingBuffer(data=xq.T.astype(np.int32))
