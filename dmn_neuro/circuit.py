@@ -357,8 +357,8 @@ class DifferentiableOlfactoryCircuit(nn.Module):
         """Open-loop run on ORN input currents ``[T, B, n_orn]``.
 
         Returns the DN spikes ``[T, B, n_dn]``, and with ``return_activations``
-        a dict ``{"spikes": {population: [T,B,n]}, "membranes": {...}}``
-        (membranes only on the reference path).
+        a dict ``{"spikes": {population: [T,B,n]}, "membranes": {population:
+        [T,B,n] post-reset membranes}}``.
         """
         if odor_input.ndim != 3 or odor_input.shape[-1] != self.n_orn:
             raise ConfigError(f"odor_input must be [T, batch, {self.n_orn}], got {list(odor_input.shape)}")
@@ -366,11 +366,13 @@ class DifferentiableOlfactoryCircuit(nn.Module):
         if engine == "fused":
             from .engine import run_layered
 
-            spikes = run_layered(
+            out = run_layered(
                 odor_input, self.population_params(), self.projection_weights(),
                 surrogate=self.surrogate, slope=self.surrogate_slope, input_population=self.input_population,
+                record_membrane=return_activations,
             )
-            mems: Dict[str, torch.Tensor] = {}
+            spikes = {n: out[n] for n in self.population_names}
+            mems = {n: out[n + "_mem"] for n in self.population_names if n + "_mem" in out}
         else:
             state = self.init_state(odor_input.shape[1], like=odor_input)
             params = self.step_parameters()
