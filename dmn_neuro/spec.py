@@ -32,6 +32,16 @@ class SpecError(DMNError, ValueError):
     """A circuit spec is inconsistent or a spec file is unreadable."""
 
 
+def read_npz_arrays(path: os.PathLike, error=None, what: str = "arrays") -> Dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` file, never unpickling; a corrupt file raises
+    ``error`` (default :class:`SpecError`) with one line naming ``what`` and the path."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as exc:  # zipfile / numpy errors on corrupt files
+        raise (error or SpecError)(f"{what} {path} are unreadable: {exc}") from None
+
+
 @dataclass
 class PopulationSpec:
     name: str
@@ -204,12 +214,7 @@ class CircuitSpec(PopulationLookup):
         path = Path(path)
         if not path.is_file():
             raise SpecError(f"circuit spec not found: {path}")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-        except Exception as exc:  # zipfile/np errors on corrupt files
-            raise SpecError(f"circuit spec {path} is unreadable: {exc}") from None
-        return cls.from_arrays(arrays)
+        return cls.from_arrays(read_npz_arrays(path, SpecError, "circuit spec arrays"))
 
 
 def simulate(spec: CircuitSpec, x: np.ndarray, record_membrane: bool = False, dtype=np.float64) -> Dict[str, np.ndarray]:

@@ -30,7 +30,7 @@ import numpy as np
 
 from dmn_neuro.errors import ExportError
 from dmn_neuro.semantics import LAVA_INPUT_DELAY_STEPS, lava_lif_parameters
-from dmn_neuro.spec import CircuitSpec
+from dmn_neuro.spec import CircuitSpec, read_npz_arrays
 
 from .fixed_point import DECAY_SHIFT, DECAY_UNITY, MAX_UV, FixedPointSpec, quantize
 
@@ -235,11 +235,7 @@ def read_lava_graph(graph_dir: os.PathLike) -> Tuple[dict, Dict[str, np.ndarray]
         raise ExportError(f"{mpath} is not a dmn-neuro Lava graph")
     if manifest.get("format_version") != GRAPH_FORMAT_VERSION:
         raise ExportError(f"{mpath}: unsupported format_version {manifest.get('format_version')!r}")
-    try:
-        with np.load(apath, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except Exception as exc:  # zipfile / numpy errors on corrupt files
-        raise ExportError(f"Lava graph arrays {apath} are unreadable: {exc}") from None
+    arrays = read_npz_arrays(apath, ExportError, "Lava graph arrays")
     for key in [c["weights"] for c in manifest.get("connections", [])] + [manifest.get("input", {}).get("scale")]:
         if key not in arrays:
             raise ExportError(f"Lava graph {d} is missing array {key!r}")
