@@ -1,15 +1,18 @@
 """BPTT benchmark: snnTorch per-step loop vs the fused engine (``make bench``).
 
-On the shipped circuit (FlyWire v783 mushroom body: ORN 55, PN 124, KC 2597,
-APL 1, MBON 48, DN 4) at batch B and T steps, measures forward+backward wall
-time and peak memory of
+On the shipped circuit (the trained model examples/pretrained/flywire_mb_navigator:
+FlyWire v783 mushroom body with ORN 440, PN 124, KC 2597, APL 1, MBON 48, DN 16;
+``--circuit connectome`` for the untrained from_connectome() defaults) at batch
+B and T steps, measures forward+backward wall time and peak memory of
 
 (a) the baseline: :func:`dmn_neuro.engine.run_reference`, one
     :class:`~dmn_neuro.neurons.LIFCell` (snnTorch ``Leaky``) call per
     population per step, autograd through every step;
-(b) the engine: :func:`dmn_neuro.engine.run_layered` (one GEMM per projection
-    over all T*B rows, fused LIF scans with hand-written backward, stepped
-    KC<->APL group; gradient checkpointing for long episodes).
+(b) the engine: :func:`dmn_neuro.engine.run_layered` (each feed-forward
+    projection over all T*B rows at once -- through the event-driven kernels
+    of dmn_neuro.kernels for the sparse FlyWire matrices, else one GEMM --,
+    fused LIF scans with hand-written backward, stepped KC<->APL group;
+    gradient checkpointing for long episodes).
 
 Timing: both variants in this process, alternating, median of ``--runs``.
 Peak memory: a fresh child process per (variant, T) measures the growth of its
@@ -66,16 +69,29 @@ WB_GAIN = 0.15
 # ---------------------------------------------------------------------------
 # circuit, input, loss
 # ---------------------------------------------------------------------------
-def build_circuit(cache_dir: str):
-    """(module with parameters, populations(), projections(), surrogate, slope, source)."""
+SHIPPED = REPO / "examples" / "pretrained" / "flywire_mb_navigator"
+
+
+def build_circuit(cache_dir: str, which: str = "shipped"):
+    """(module with parameters, populations(), projections(), surrogate, slope, source).
+
+    ``shipped``: the trained model in examples/pretrained (FlyWire v783 MB with
+    8 ORNs per glomerulus and 16 DNs, as TrainingConfig builds it);
+    ``connectome``: ``from_connectome()`` with its defaults (1 ORN per glomerulus, 4 DNs), untrained.
+    """
     try:
         from dmn_neuro.circuit import DifferentiableOlfactoryCircuit
-
-        circ = DifferentiableOlfactoryCircuit.from_connectome(cache_dir=cache_dir)
-        return (circ, circ.population_params, circ.projection_weights, circ.surrogate, circ.surrogate_slope,
-                "dmn_neuro.circuit.DifferentiableOlfactoryCircuit.from_connectome() (FlyWire v783 MB)")
     except ImportError:  # pragma: no cover - before the circuit module existed
         return _fallback_circuit(cache_dir)
+    if which == "shipped":
+        from dmn_neuro.checkpoint import load_circuit
+
+        circ = load_circuit(SHIPPED)[0]
+        src = f"{SHIPPED.relative_to(REPO)} (trained; FlyWire v783 MB)"
+    else:
+        circ = DifferentiableOlfactoryCircuit.from_connectome(cache_dir=cache_dir)
+        src = "dmn_neuro.circuit.DifferentiableOlfactoryCircuit.from_connectome() (FlyWire v783 MB, untrained)"
+    return circ, circ.population_params, circ.projection_weights, circ.surrogate, circ.surrogate_slope, src
 
 
 def _fallback_circuit(cache_dir: str):  # pragma: no cover - only without dmn_neuro.circuit
@@ -111,9 +127,29 @@ def _fallback_circuit(cache_dir: str):  # pragma: no cover - only without dmn_ne
     return mod, pops, projs, "fast_sigmoid", 5.0, "connectome.fetch_data (fallback builder)"
 
 
-def make_input(pops, T: int, B: int, seed: int = 0) -> torch.Tensor:
-    """Odor-like ORN currents: a random glomerular pattern per batch element
-    (constant concentration) plus per-step noise, scaled to the ORN threshold."""
+def make_input(bundle, T: int, B: int, kind: str = "odor", seed: int = 0) -> torch.Tensor:
+    """ORN input currents ``[T, B, n_orn]``.
+
+    ``odor``: real odors -- B different Hallem & Carlson odors at concentration
+    1 (the source), Poisson-encoded with the training defaults (what the shipped
+    model sees; ~6 % of ORNs and ~7 % of PNs active per step).
+    ``drive``: a synthetic overdrive -- a random glomerular pattern of up to 3x
+    the threshold-holding current plus noise (~35 % of ORNs, ~57 % of PNs active).
+    """
+    circ = bundle[0]
+    if kind == "odor" and hasattr(circ, "orn_glomeruli"):
+        from dmn_neuro.odors import OdorEncoder, static_odor_input
+        from dmn_neuro.training import default_current_per_hz
+
+        enc = OdorEncoder(circ.orn_glomeruli, dt_ms=circ.semantics.dt_ms, encoding="poisson",
+                          current_per_hz=default_current_per_hz(circ))
+        odors = [enc.odors[i % len(enc.odors)] for i in range(B)]
+        x = static_odor_input(enc, odors, T, concentration=1.0, generator=torch.Generator().manual_seed(seed))
+        return torch.as_tensor(x, dtype=torch.float32)
+    return _drive_input(bundle[1](), T, B, seed)
+
+
+def _drive_input(pops, T: int, B: int, seed: int = 0) -> torch.Tensor:
     orn = [p for p in pops if p["name"] == "ORN"][0]
     thr = orn["threshold"].detach()
     drive = thr * (1 - orn["beta"].detach())  # current that holds v at threshold
@@ -198,8 +234,8 @@ def _rss_kb(field: str) -> int:
 
 def child(args) -> None:
     torch.set_num_threads(args.threads)
-    bundle = build_circuit(tempfile.mkdtemp(prefix="dmn_bench_"))
-    x = make_input(bundle[1](), args.T, args.batch)
+    bundle = build_circuit(tempfile.mkdtemp(prefix="dmn_bench_"), args.circuit)
+    x = make_input(bundle, args.T, args.batch, args.input)
     ck = args.checkpoint_every if args.checkpoint_every > 0 else None
     fwd_bwd(args.child, bundle, x[:5], None, args.sparse)  # warm up kernels and allocator
     gc.collect()
@@ -220,7 +256,8 @@ def child(args) -> None:
 
 def run_child(kind: str, T: int, args, ck: int, grads_out: str = "") -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--T", str(T), "--batch", str(args.batch),
-           "--threads", str(args.threads), "--checkpoint-every", str(ck), "--sparse", ",".join(args.sparse)]
+           "--threads", str(args.threads), "--checkpoint-every", str(ck), "--sparse", ",".join(args.sparse),
+           "--circuit", args.circuit, "--input", args.input]
     if grads_out:
         cmd += ["--grads-out", grads_out]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO))
@@ -284,6 +321,10 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5, help="timing runs per variant at T=500")
     ap.add_argument("--long-runs", type=int, default=2, help="timing runs per variant at T=5000 (baseline is slow)")
     ap.add_argument("--checkpoint-every", type=int, default=500, help="engine checkpoint segment at T=5000")
+    ap.add_argument("--circuit", choices=("shipped", "connectome"), default="shipped",
+                    help="shipped: the trained model in examples/pretrained (default); connectome: from_connectome() defaults")
+    ap.add_argument("--input", choices=("odor", "drive"), default="odor",
+                    help="odor: real odors, Poisson-encoded (default); drive: synthetic overdrive (most PNs active)")
     ap.add_argument("--sparse", default="", help="projections run on the sparse path, e.g. 'PN->KC,KC->MBON'")
     ap.add_argument("--wb-steps", type=int, default=100, help="steps of the whole-brain forward")
     ap.add_argument("--skip-wholebrain", action="store_true")
@@ -301,19 +342,29 @@ def main(argv=None) -> int:
     malloc_tuned = False if args.no_malloc_tune else tune_malloc()
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     runs = 3 if args.quick else args.runs
-    bundle = build_circuit(tempfile.mkdtemp(prefix="dmn_bench_"))
+    bundle = build_circuit(tempfile.mkdtemp(prefix="dmn_bench_"), args.circuit)
     sizes = {p["name"]: int(p["threshold"].shape[0]) for p in bundle[1]()}
     log(f"circuit: {bundle[5]}; sizes {sizes}; surrogate {bundle[3]}({bundle[4]})")
     log(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"threads {args.threads}, batch {args.batch}; engine sparse projections: {args.sparse or 'none (dense GEMMs)'}; "
         f"malloc tuned (both variants): {malloc_tuned}")
+    from dmn_neuro import kernels
+
     result = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
               "threads": args.threads, "batch": args.batch, "sizes": sizes, "sparse": args.sparse,
-              "malloc_tuned": malloc_tuned}
+              "malloc_tuned": malloc_tuned, "input": args.input, "circuit": bundle[5],
+              "event_kernels": kernels.available()}
 
     # --- T=500: timing, alternating, in-process -----------------------------
     T = 500
-    x = make_input(bundle[1](), T, args.batch)
+    x = make_input(bundle, T, args.batch, args.input)
+    with torch.no_grad():
+        act = run_layered(x, bundle[1](), bundle[2](), bundle[3], bundle[4])
+    result["activity_T500"] = {k: float(v.mean()) for k, v in act.items()}
+    del act
+    log(f"input: {args.input}; fraction of neurons spiking per step: "
+        + ", ".join(f"{k} {v:.2%}" for k, v in result["activity_T500"].items())
+        + f"; event-driven kernels: {'on' if kernels.available() else 'off (' + str(kernels.load_error()) + ')'}")
     fwd_bwd("engine", bundle, x[:10], None, args.sparse)  # warm-up
     walls = {"baseline": [], "engine": []}
     cpus = {"baseline": [], "engine": []}  # process CPU time: less sensitive to other load on the box
@@ -350,7 +401,7 @@ def main(argv=None) -> int:
                    "memory_method": mem_e["method"], "engine_checkpoint_every_T5000": args.checkpoint_every})
     long_walls = {"baseline": [mem_b["wall_s"]], "engine": [mem_e["wall_s"]]}
     if not args.quick:
-        x = make_input(bundle[1](), T, args.batch)
+        x = make_input(bundle, T, args.batch, args.input)
         for _ in range(max(0, args.long_runs - 1)):
             for kind in ("baseline", "engine"):
                 _, _, wall, _ = fwd_bwd(kind, bundle, x, args.checkpoint_every if kind == "engine" else None, args.sparse)

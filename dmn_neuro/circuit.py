@@ -292,7 +292,8 @@ class DifferentiableOlfactoryCircuit(nn.Module):
                 for n in self.population_names]
 
     def projection_weights(self) -> List[Dict[str, object]]:
-        return [{"pre": a, "post": b, "weight": self.weight(a, b)()} for a, b in self.projection_pairs]
+        return [{"pre": a, "post": b, "weight": self.weight(a, b)(), "grad_mask": self.weight(a, b).mask}
+                for a, b in self.projection_pairs]
 
     @property
     def n_orn(self) -> int:

@@ -39,7 +39,15 @@ Contract (what the circuit hands in)::
                    "weight": [n_post, n_pre] effective signed weight (dense),
                    optional "sparse": SparseStructure of the nonzeros,
                    optional "values": [nnz] effective weights in the structure's
-                                      CSR order (then "weight" may be omitted)}, ...]
+                                      CSR order (then "weight" may be omitted),
+                   optional "grad_mask": bool [n_post, n_pre] -- the weight is
+                                      structurally zero outside it (synapse mask),
+                                      so its gradient is computed only inside
+                                      (zero outside)}, ...]
+
+On the CPU in float32, a dense projection whose weight is sparse runs through
+the event-driven kernels of :mod:`dmn_neuro.kernels` (forward bit-identical to
+the GEMM; set ``DMN_NEURO_KERNELS=0`` to use plain torch).
 
 When a projection has a ``"sparse"`` structure but no ``"values"``, the values
 are gathered from the dense ``"weight"`` at the structure's nonzeros
@@ -63,7 +71,7 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
-from . import semantics
+from . import kernels, semantics
 from .errors import ConfigError
 from .neurons import SURROGATES, LIFCell, surrogate_derivative
 
@@ -316,50 +324,117 @@ def _input_grad(g: torch.Tensor, weight: torch.Tensor, w_t_csr: Optional[torch.T
     return out
 
 
+#: a dense weight this sparse (fraction of nonzeros) or sparser runs through
+#: the event-driven kernels of :mod:`dmn_neuro.kernels` on the CPU
+_KERNEL_WEIGHT_DENSITY = 0.25
+
+
+class _KernelPlan(NamedTuple):
+    csr: "kernels.CSR"  # nonzeros of W grouped by presynaptic neuron (values as in the forward)
+    block: int  # K-block of the GEMM whose rounding the forward reproduces
+
+
+def _is_binary(s: torch.Tensor) -> bool:
+    return bool(((s == 0) | (s == 1)).all())
+
+
+def _kernel_plan(spikes: torch.Tensor, s0: torch.Tensor, weight: torch.Tensor) -> Optional[_KernelPlan]:
+    """Use the event-driven kernels for ``spikes @ W^T`` (float32 CPU, sparse
+    finite ``W``, a GEMM order the kernel reproduces bit for bit), else ``None``.
+    ``spikes`` come from a LIF scan (binary by construction); ``s0`` is checked."""
+    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or spikes.dtype != torch.float32
+            or weight.numel() < _SPARSE_DGRAD_MIN_ELEMENTS or not kernels.available()):
+        return None
+    w = weight.detach()
+    if int(torch.count_nonzero(w)) > _KERNEL_WEIGHT_DENSITY * w.numel() or not bool(torch.isfinite(w).all()):
+        return None
+    if not _is_binary(s0):
+        return None
+    block = kernels.gemm_block_size(w.shape[1], w.shape[0])
+    if block is None:
+        return None
+    return _KernelPlan(kernels.csr_by_pre(w), block)
+
+
+def _masked_weight_grad(g: torch.Tensor, sb: torch.Tensor, g0: torch.Tensor, s0b: torch.Tensor,
+                        grad_mask: torch.Tensor) -> torch.Tensor:
+    """``g^T @ sb + g0^T @ s0b`` evaluated only where ``grad_mask`` (zero elsewhere)."""
+    edges = kernels.csr_by_pre(grad_mask, values=False)
+    acc = kernels.spike_weight_grad(g0.contiguous(), s0b.contiguous(), edges)
+    if sb.shape[0]:
+        kernels.spike_weight_grad(g, sb, edges, acc=acc)
+    g_w = g.new_zeros(edges.n_post, edges.n_pre)
+    g_w[edges.idx, edges.pre] = acc
+    return g_w
+
+
 class _DelayedDense(torch.autograd.Function):
     """``out[t] = S[t-1] @ W^T`` (``S[-1] = s0``) over all ``T*B`` rows at once.
 
-    Forward: one dense GEMM (bit-identical to the per-step reference). Saves
-    the presynaptic spikes as ``bool`` (1 byte). Backward: event-driven weight
-    gradient and sparse-weight input gradient when the data are sparse (see
-    :data:`_EVENT_WGRAD_DENSITY`).
+    Forward: one dense GEMM, or for a sparse weight on the CPU the event-driven
+    kernel that reproduces the GEMM's rounding (:mod:`dmn_neuro.kernels`);
+    either way bit-identical to the per-step reference. Saves the presynaptic
+    spikes as ``bool`` (1 byte). Backward: input gradient through the nonzeros
+    of ``W``; weight gradient event-driven, and only on ``grad_mask`` (the
+    synapse mask, when the caller gives one).
     """
 
     @staticmethod
-    def forward(ctx, spikes, s0, weight):
+    def forward(ctx, spikes, s0, weight, grad_mask):
         T, B, n_pre = spikes.shape
         n_post = weight.shape[0]
         out = spikes.new_empty(T, B, n_post)
-        wt = weight.t()
-        torch.mm(s0, wt, out=out[0])
-        if T > 1:
-            torch.mm(spikes[:-1].reshape(-1, n_pre), wt, out=out[1:].view(-1, n_post))
+        plan = _kernel_plan(spikes, s0, weight)
+        if plan is not None:
+            kernels.spike_matmul(s0.contiguous(), plan.csr, plan.block, out=out[0])
+            if T > 1:
+                kernels.spike_matmul(spikes[:-1].reshape(-1, n_pre), plan.csr, plan.block, out=out[1:].view(-1, n_post))
+        else:
+            wt = weight.t()
+            torch.mm(s0, wt, out=out[0])
+            if T > 1:
+                torch.mm(spikes[:-1].reshape(-1, n_pre), wt, out=out[1:].view(-1, n_post))
+        ctx.plan = plan
+        ctx.grad_mask = grad_mask
         ctx.save_for_backward(spikes.bool(), s0.bool(), weight)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         sb, s0b, weight = ctx.saved_tensors
+        plan: Optional[_KernelPlan] = ctx.plan
         T, B, n_pre = sb.shape
         n_post = weight.shape[0]
         g = grad_out.contiguous()
+        finite = None if plan is None and ctx.grad_mask is None else _all_finite(g)
         g_sp = g_s0 = g_w = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            w_t_csr = _sparse_weight_t(weight)
-            if w_t_csr is not None and not _all_finite(g):
-                w_t_csr = None
+            if plan is not None and finite and g.dtype == torch.float32:
+                def input_grad(gg, out=None):
+                    return kernels.spike_matmul_input_grad(gg, plan.csr, out=out)
+            else:
+                w_t_csr = _sparse_weight_t(weight)
+                if w_t_csr is not None and not _all_finite(g):
+                    w_t_csr = None
+
+                def input_grad(gg, out=None):
+                    return _input_grad(gg, weight, w_t_csr, out=out)
             if ctx.needs_input_grad[0]:
                 g_sp = g.new_empty(T, B, n_pre)
                 if T > 1:
-                    _input_grad(g[1:].view(-1, n_post), weight, w_t_csr, out=g_sp[:-1].view(-1, n_pre))
+                    input_grad(g[1:].view(-1, n_post), out=g_sp[:-1].view(-1, n_pre))
                 g_sp[-1].zero_()
             if ctx.needs_input_grad[1]:
-                g_s0 = _input_grad(g[0], weight, w_t_csr)
+                g_s0 = input_grad(g[0])
         if ctx.needs_input_grad[2]:
-            g_w = g[0].t() @ s0b.to(g.dtype)
-            if T > 1:
-                g_w = g_w + _weight_grad(g[1:].view(-1, n_post), sb[:-1].view(-1, n_pre))
-        return g_sp, g_s0, g_w
+            if (ctx.grad_mask is not None and finite and g.dtype == torch.float32 and g.device.type == "cpu"
+                    and kernels.available()):
+                g_w = _masked_weight_grad(g[1:].view(-1, n_post), sb[:-1].view(-1, n_pre), g[0], s0b, ctx.grad_mask)
+            else:
+                g_w = g[0].t() @ s0b.to(g.dtype)
+                if T > 1:
+                    g_w = g_w + _weight_grad(g[1:].view(-1, n_post), sb[:-1].view(-1, n_pre))
+        return g_sp, g_s0, g_w, None
 
 
 class _DelayedSparse(torch.autograd.Function):
@@ -393,7 +468,7 @@ class _DelayedSparse(torch.autograd.Function):
 def _delayed_projection(spikes, s0, proj: "_Proj"):
     if proj.structure is not None:
         return _DelayedSparse.apply(spikes, s0, proj.values, proj.structure)
-    return _DelayedDense.apply(spikes, s0, proj.weight)
+    return _DelayedDense.apply(spikes, s0, proj.weight, proj.grad_mask)
 
 
 # ---------------------------------------------------------------------------
@@ -737,6 +812,7 @@ class _Proj(NamedTuple):
     weight: Optional[torch.Tensor]
     structure: Optional[SparseStructure]
     values: Optional[torch.Tensor]
+    grad_mask: Optional[torch.Tensor] = None  # bool [n_post, n_pre]: weight gradient needed only here
 
 
 def strongly_connected_groups(names: Sequence[str], edges: Sequence[Tuple[str, str]]) -> List[List[str]]:
@@ -875,7 +951,14 @@ def _prepare(x: torch.Tensor, populations, projections, input_population: str) -
                 raise ConfigError(f"projection {pre}->{post}: missing 'weight'")
             if tuple(weight.shape) != (sizes[post], sizes[pre]):
                 raise ConfigError(f"type mismatch: {pre}->{post}: weight {list(weight.shape)}, expected {[sizes[post], sizes[pre]]}")
-            projs.append(_Proj(pre, post, weight.to(x.dtype), None, None))
+            grad_mask = q.get("grad_mask")
+            if grad_mask is not None:
+                grad_mask = torch.as_tensor(grad_mask)
+                if grad_mask.dtype != torch.bool or tuple(grad_mask.shape) != tuple(weight.shape):
+                    raise ConfigError(f"projection {pre}->{post}: grad_mask must be a bool tensor of shape "
+                                      f"{list(weight.shape)}, got {grad_mask.dtype} {list(grad_mask.shape)}")
+                grad_mask = grad_mask.to(weight.device)
+            projs.append(_Proj(pre, post, weight.to(x.dtype), None, None, grad_mask))
     groups = strongly_connected_groups(names, [(q.pre, q.post) for q in projs])
     return _Circuit(names, sizes, pops, projs, groups)
 

@@ -537,7 +537,7 @@ def test_sparse_kernels_propagate_nonfinite_like_gemm(monkeypatch):
     spikes = torch.rand(6, 9, 30, generator=g) < 0.05
     x = spikes.float().requires_grad_()
     w = W.clone().requires_grad_()
-    out = engine._DelayedDense.apply(x, torch.zeros(9, 30), w)
+    out = engine._DelayedDense.apply(x, torch.zeros(9, 30), w, None)
     gx, gw = torch.autograd.grad(out, (x, w), torch.nan_to_num(torch.full_like(out, float("nan")), nan=1.0).index_put_(
         (torch.tensor([2]), torch.tensor([1]), torch.tensor([4])), torch.tensor(float("nan"))))
     ref_x = torch.zeros(6, 9, 30)

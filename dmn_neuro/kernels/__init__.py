@@ -1,0 +1,291 @@
+"""Event-driven CPU kernels for binary spikes through sparse weights.
+
+The C source next to this file (``spike_ops.c``) is compiled on first use with
+the system C compiler (``$CC``, else ``cc``/``gcc``) into the kernel cache
+(``$DMN_NEURO_KERNEL_CACHE``, else ``$DMN_NEURO_CACHE/kernels``, else
+``~/.cache/dmn-neuro/kernels``), keyed by the source, the compiler flags and the
+CPU, and loaded with :mod:`ctypes`. Without a compiler, with
+``DMN_NEURO_KERNELS=0``, or on anything but float32 CPU tensors, callers fall
+back to plain torch (same results; see :mod:`dmn_neuro.engine`).
+
+Why: in the fused engine a feed-forward projection is one GEMM over all
+``T*B`` rows. The presynaptic side is binary and sparse (PN ~10 %, KC ~0.2 %
+active per step) and the FlyWire weight matrices are sparse (PN->KC 3 %,
+KC->MBON 6 % nonzero), so a dense GEMM spends almost all of its time adding
+zeros. These kernels touch only active inputs and existing synapses:
+
+* :func:`spike_matmul` -- ``S @ W^T`` with the float rounding of the dense
+  GEMM, bit for bit (so spikes stay identical to the snnTorch reference). The
+  GEMM's summation order (its K-block size) is measured against ``torch.mm``
+  once per shape (:func:`gemm_block_size`); shapes where no order reproduces
+  it are left to ``torch.mm``.
+* :func:`spike_matmul_input_grad` -- ``G @ W`` through the nonzeros of ``W``.
+* :func:`spike_weight_grad` -- ``G^T @ S`` only on given edges (the synapse
+  mask: the gradient off the mask is discarded by the masked weight anyway).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("spike_ops.c")
+_FLAG_SETS = (["-O3", "-march=native"], ["-O3"])
+_COMMON_FLAGS = ["-std=c99", "-shared", "-fPIC"]
+#: candidate K-block sizes of the dense GEMM, tried in this order after K itself
+#: (no blocking) and before K split into equal parts (the first one that
+#: reproduces ``torch.mm`` bit for bit wins)
+_BLOCK_CANDIDATES = (192, 128, 256, 384, 512, 96, 64, 320, 448, 768, 1024, 2048, 4096)
+_PROBE_ROWS = 48
+
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_load_error: Optional[str] = None
+_block_cache: Dict[Tuple[int, int, int], Optional[int]] = {}
+
+
+class CSR(NamedTuple):
+    """Edges of a ``[n_post, n_pre]`` matrix grouped by presynaptic neuron ``k``:
+    ``ptr [n_pre + 1]``, postsynaptic ``idx [nnz]`` and ``pre [nnz]`` (int64),
+    ``val [nnz]`` (float32, or ``None`` for a bare mask)."""
+
+    ptr: torch.Tensor
+    idx: torch.Tensor
+    pre: torch.Tensor
+    val: Optional[torch.Tensor]
+    n_post: int
+    n_pre: int
+
+
+def enabled() -> bool:
+    return os.environ.get("DMN_NEURO_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("DMN_NEURO_KERNEL_CACHE")
+    if env:
+        return Path(env).expanduser()
+    root = os.environ.get("DMN_NEURO_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "dmn-neuro") / "kernels"
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return line.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> Optional[str]:
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc) or (cc if os.path.exists(cc) else None)
+    return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _compile(cc: str, flags, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=str(target.parent))
+    os.close(fd)
+    try:
+        res = subprocess.run([cc, *flags, *_COMMON_FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                             timeout=120)
+        if res.returncode != 0:
+            raise OSError((res.stderr.strip().splitlines() or ["compiler failed"])[-1])
+        os.replace(tmp, target)  # atomic: a concurrent loader never sees half a library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.spike_fwd.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p]
+    lib.spike_dgrad.argtypes = [p, i64, i64, p, p, p, i64, p, p, p]
+    lib.spike_wgrad.argtypes = [p, i64, i64, p, i64, p, p, p]
+    for f in (lib.spike_fwd, lib.spike_dgrad, lib.spike_wgrad):
+        f.restype = None
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The compiled kernels, or ``None`` (disabled, or no working compiler)."""
+    global _lib, _load_error
+    if not enabled():
+        return None
+    if _lib is not None or _load_error is not None:
+        return _lib
+    with _lock:
+        if _lib is not None or _load_error is not None:
+            return _lib
+        cc = _compiler()
+        if cc is None:
+            _load_error = "no C compiler found (set $CC)"
+        else:
+            src = SOURCE.read_bytes()
+            errors = []
+            for flags in _FLAG_SETS:
+                key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags + _COMMON_FLAGS).encode(),
+                                                 platform.machine().encode(), _cpu_signature().encode()])).hexdigest()[:16]
+                target = cache_dir() / f"spike_ops-{key}.so"
+                try:
+                    if not target.exists():
+                        _compile(cc, flags, target)
+                    lib = ctypes.CDLL(str(target))
+                    _declare(lib)
+                    _lib = lib
+                    break
+                except (OSError, subprocess.SubprocessError) as exc:
+                    errors.append(f"{' '.join(flags)}: {exc}")
+            else:
+                _load_error = "; ".join(errors)
+        if _load_error is not None:
+            logger.warning("dmn_neuro.kernels unavailable (%s); using torch instead", _load_error)
+    return _lib
+
+
+def load_error() -> Optional[str]:
+    library()
+    return _load_error
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def _reset_for_tests() -> None:
+    """Forget the loaded library and the measured block sizes."""
+    global _lib, _load_error
+    with _lock:
+        _lib, _load_error = None, None
+        _block_cache.clear()
+
+
+# ---------------------------------------------------------------------------
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _check(t: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"{what}: need a contiguous {dtype} CPU tensor, got {t.dtype} on {t.device}")
+
+
+def csr_by_pre(weight: torch.Tensor, values: bool = True) -> CSR:
+    """The nonzeros of ``weight [n_post, n_pre]`` grouped by presynaptic neuron
+    (ascending postsynaptic index inside a group); ``values=False`` for a mask."""
+    wt = weight.detach().t()
+    nz = wt != 0
+    n_pre, n_post = wt.shape
+    ptr = torch.zeros(n_pre + 1, dtype=torch.int64)
+    torch.cumsum(nz.sum(1), 0, out=ptr[1:])
+    pre, idx = nz.nonzero(as_tuple=True)
+    val = wt[pre, idx].to(torch.float32).contiguous() if values else None
+    return CSR(ptr, idx.contiguous(), pre.contiguous(), val, int(n_post), int(n_pre))
+
+
+def spike_matmul(spikes: torch.Tensor, csr: CSR, block: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``spikes [M, n_pre] @ W^T -> [M, n_post]`` for binary float32 spikes, summed
+    as a GEMM with K-block ``block`` sums (see :func:`gemm_block_size`)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("dmn_neuro.kernels are not available")
+    _check(spikes, torch.float32, "spikes")
+    M, K = spikes.shape
+    if K != csr.n_pre:
+        raise ValueError(f"spikes have {K} columns, weight has {csr.n_pre} presynaptic neurons")
+    if out is None:
+        out = torch.empty(M, csr.n_post, dtype=torch.float32)
+    _check(out, torch.float32, "out")
+    part = torch.empty(csr.n_post, dtype=torch.float32)
+    lib.spike_fwd(_ptr(spikes), M, K, _ptr(csr.ptr), _ptr(csr.idx), _ptr(csr.val), csr.n_post, int(block),
+                  _ptr(out), _ptr(part))
+    return out
+
+
+def spike_matmul_input_grad(grad: torch.Tensor, csr: CSR, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``grad [M, n_post] @ W -> [M, n_pre]`` through the nonzeros of ``W``."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("dmn_neuro.kernels are not available")
+    _check(grad, torch.float32, "grad")
+    M, N = grad.shape
+    if N != csr.n_post:
+        raise ValueError(f"grad has {N} columns, weight has {csr.n_post} postsynaptic neurons")
+    if out is None:
+        out = torch.empty(M, csr.n_pre, dtype=torch.float32)
+    _check(out, torch.float32, "out")
+    gt = torch.empty(N * 16, dtype=torch.float32)
+    ot = torch.empty(csr.n_pre * 16, dtype=torch.float32)
+    lib.spike_dgrad(_ptr(grad), M, N, _ptr(csr.ptr), _ptr(csr.idx), _ptr(csr.val), csr.n_pre, _ptr(out),
+                    _ptr(gt), _ptr(ot))
+    return out
+
+
+def spike_weight_grad(grad: torch.Tensor, spikes: torch.Tensor, edges: CSR,
+                      acc: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(grad^T @ spikes)[idx[e], pre[e]]`` for every edge: ``grad [M, n_post]``
+    float32, ``spikes [M, n_pre]`` bool. Returns (or adds into) ``acc [nnz]``."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("dmn_neuro.kernels are not available")
+    _check(grad, torch.float32, "grad")
+    _check(spikes, torch.bool, "spikes")
+    M, N = grad.shape
+    if spikes.shape != (M, edges.n_pre) or N != edges.n_post:
+        raise ValueError(f"shapes do not match: grad {list(grad.shape)}, spikes {list(spikes.shape)}, "
+                         f"edges {[edges.n_post, edges.n_pre]}")
+    if acc is None:
+        acc = torch.zeros(edges.idx.numel(), dtype=torch.float32)
+    _check(acc, torch.float32, "acc")
+    lib.spike_wgrad(_ptr(grad), M, N, _ptr(spikes), edges.n_pre, _ptr(edges.ptr), _ptr(edges.idx), _ptr(acc))
+    return acc
+
+
+def gemm_block_size(n_pre: int, n_post: int) -> Optional[int]:
+    """The K-block size with which :func:`spike_matmul` reproduces
+    ``torch.mm(spikes, weight.t())`` bit for bit for this shape (float32 CPU,
+    current thread count), or ``None`` if no candidate does (then use torch.mm).
+
+    Measured once per shape on random binary spikes and random sparse weights:
+    the summation order of a GEMM does not depend on the data, and a wrong
+    order shows up as rounding differences in almost every output.
+    """
+    key = (int(n_pre), int(n_post), torch.get_num_threads())
+    if key in _block_cache:
+        return _block_cache[key]
+    if library() is None:
+        return None
+    g = torch.Generator().manual_seed(12345)
+    S = (torch.rand(_PROBE_ROWS, n_pre, generator=g) < 0.4).float()
+    W = torch.randn(n_post, n_pre, generator=g) * (torch.rand(n_post, n_pre, generator=g) < 0.5)
+    dense = torch.mm(S, W.t())
+    csr = csr_by_pre(W)
+    found = None
+    # fixed block sizes, and K split into n nearly equal blocks (MKL halves K <= 384 on this CPU)
+    split = [-(-n_pre // n) for n in range(2, 17)] + [n_pre // n for n in range(2, 17)]
+    candidates = list(dict.fromkeys([n_pre] + [b for b in (*_BLOCK_CANDIDATES, *split) if 0 < b < n_pre]))
+    for block in candidates:
+        if torch.equal(spike_matmul(S, csr, block), dense):
+            found = block
+            break
+    _block_cache[key] = found
+    if found is None:
+        logger.info("dmn_neuro.kernels: no summation order reproduces torch.mm for %d -> %d; using torch.mm",
+                    n_pre, n_post)
+    return found
