@@ -23,6 +23,13 @@ same spikes (bit for bit) and the same gradients (to float rounding) with
   spikes (a custom autograd Function that saves the spikes as ``bool``). Only
   a true recurrence (KC <-> APL) is stepped, inside one custom Function
   (:class:`_GroupScan`) whose backward is the coupled reverse recurrence.
+* on the CPU in float32, feed-forward projections with a sparse weight
+  (FlyWire PN->KC 3 %, KC->MBON 6 % nonzero) run through the event-driven C
+  kernels of :mod:`dmn_neuro.kernels` (forward bit-identical to the GEMM) and
+  are computed inside the scan of the larger population's group: PN->KC
+  chunk by chunk inside the KC scan, KC->MBON from the KC scan's spikes, so
+  neither the ``[T, B, 2597]`` KC input current nor the gradient w.r.t. the KC
+  spikes ever exists as a whole tensor (:class:`_FusedIn`, :class:`_FusedOut`).
 * sparse projections (:class:`SparseStructure`): CSR forward SpMM, input
   gradient through the CSR of ``W^T``, weight gradient only on the nonzeros
   (sampled dense-dense matmul); event-driven forward (gather the outgoing rows
@@ -324,9 +331,19 @@ def _input_grad(g: torch.Tensor, weight: torch.Tensor, w_t_csr: Optional[torch.T
     return out
 
 
+#: MKL sums a GEMM with fewer than 4 rows in a different order than one with
+#: more (measured for float32 and float64 on this CPU; from 4 rows on the order
+#: does not depend on the row count). With a batch below this the feed-forward
+#: projections therefore run one B-row GEMM per step, as the per-step reference
+#: does, so that the spikes stay bit-identical.
+_MIN_GEMM_ROWS = 4
+
 #: a dense weight this sparse (fraction of nonzeros) or sparser runs through
 #: the event-driven kernels of :mod:`dmn_neuro.kernels` on the CPU
 _KERNEL_WEIGHT_DENSITY = 0.25
+#: compute kernel-eligible feed-forward projections inside the scan of the
+#: larger population's group (no whole [T, B, n] current or spike gradient)
+_FUSE_PROJECTIONS = True
 
 
 class _KernelPlan(NamedTuple):
@@ -338,11 +355,13 @@ def _is_binary(s: torch.Tensor) -> bool:
     return bool(((s == 0) | (s == 1)).all())
 
 
-def _kernel_plan(spikes: torch.Tensor, s0: torch.Tensor, weight: torch.Tensor) -> Optional[_KernelPlan]:
+def _kernel_plan(s0: torch.Tensor, weight: torch.Tensor) -> Optional[_KernelPlan]:
     """Use the event-driven kernels for ``spikes @ W^T`` (float32 CPU, sparse
     finite ``W``, a GEMM order the kernel reproduces bit for bit), else ``None``.
-    ``spikes`` come from a LIF scan (binary by construction); ``s0`` is checked."""
-    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or spikes.dtype != torch.float32
+    The spike trains come from LIF scans (binary by construction); the initial
+    spikes ``s0`` are checked."""
+    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or s0.dtype != torch.float32
+            or s0.shape[0] < _MIN_GEMM_ROWS
             or weight.numel() < _SPARSE_DGRAD_MIN_ELEMENTS or not kernels.available()):
         return None
     w = weight.detach()
@@ -354,18 +373,6 @@ def _kernel_plan(spikes: torch.Tensor, s0: torch.Tensor, weight: torch.Tensor) -
     if block is None:
         return None
     return _KernelPlan(kernels.csr_by_pre(w), block)
-
-
-def _masked_weight_grad(g: torch.Tensor, sb: torch.Tensor, g0: torch.Tensor, s0b: torch.Tensor,
-                        grad_mask: torch.Tensor) -> torch.Tensor:
-    """``g^T @ sb + g0^T @ s0b`` evaluated only where ``grad_mask`` (zero elsewhere)."""
-    edges = kernels.csr_by_pre(grad_mask, values=False)
-    acc = kernels.spike_weight_grad(g0.contiguous(), s0b.contiguous(), edges)
-    if sb.shape[0]:
-        kernels.spike_weight_grad(g, sb, edges, acc=acc)
-    g_w = g.new_zeros(edges.n_post, edges.n_pre)
-    g_w[edges.idx, edges.pre] = acc
-    return g_w
 
 
 class _DelayedDense(torch.autograd.Function):
@@ -384,7 +391,7 @@ class _DelayedDense(torch.autograd.Function):
         T, B, n_pre = spikes.shape
         n_post = weight.shape[0]
         out = spikes.new_empty(T, B, n_post)
-        plan = _kernel_plan(spikes, s0, weight)
+        plan = _kernel_plan(s0, weight)
         if plan is not None:
             kernels.spike_matmul(s0.contiguous(), plan.csr, plan.block, out=out[0])
             if T > 1:
@@ -392,7 +399,11 @@ class _DelayedDense(torch.autograd.Function):
         else:
             wt = weight.t()
             torch.mm(s0, wt, out=out[0])
-            if T > 1:
+            if B < _MIN_GEMM_ROWS and spikes.device.type == "cpu":
+                for t in range(1, T):  # the reference's own B-row GEMMs (see _MIN_GEMM_ROWS);
+                    # a fresh (aligned) copy: these small kernels round differently on unaligned rows
+                    out[t].copy_(torch.mm(spikes[t - 1].clone(), wt))
+            elif T > 1:
                 torch.mm(spikes[:-1].reshape(-1, n_pre), wt, out=out[1:].view(-1, n_post))
         ctx.plan = plan
         ctx.grad_mask = grad_mask
@@ -406,10 +417,10 @@ class _DelayedDense(torch.autograd.Function):
         T, B, n_pre = sb.shape
         n_post = weight.shape[0]
         g = grad_out.contiguous()
-        finite = None if plan is None and ctx.grad_mask is None else _all_finite(g)
+        finite = plan is not None and _all_finite(g)
         g_sp = g_s0 = g_w = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            if plan is not None and finite and g.dtype == torch.float32:
+            if finite:
                 def input_grad(gg, out=None):
                     return kernels.spike_matmul_input_grad(gg, plan.csr, out=out)
             else:
@@ -427,9 +438,12 @@ class _DelayedDense(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 g_s0 = input_grad(g[0])
         if ctx.needs_input_grad[2]:
-            if (ctx.grad_mask is not None and finite and g.dtype == torch.float32 and g.device.type == "cpu"
-                    and kernels.available()):
-                g_w = _masked_weight_grad(g[1:].view(-1, n_post), sb[:-1].view(-1, n_pre), g[0], s0b, ctx.grad_mask)
+            if ctx.grad_mask is not None:
+                acc = _WeightGradAcc(n_post, n_pre, ctx.grad_mask, g)
+                acc.add(g[0], s0b)
+                if T > 1:
+                    acc.add(g[1:].view(-1, n_post), sb[:-1].view(-1, n_pre))
+                g_w = acc.result()
             else:
                 g_w = g[0].t() @ s0b.to(g.dtype)
                 if T > 1:
@@ -474,6 +488,27 @@ def _delayed_projection(spikes, s0, proj: "_Proj"):
 # ---------------------------------------------------------------------------
 # the scan: one population, or a strongly connected group with delayed recurrence
 # ---------------------------------------------------------------------------
+class _FusedIn(NamedTuple):
+    """A feed-forward projection computed inside the group that receives it,
+    chunk by chunk (its ``[T, B, n_post]`` current and that current's gradient
+    never exist as whole tensors)."""
+
+    post: int  # local index of the receiving population
+    kplan: _KernelPlan
+    grad_mask: Optional[torch.Tensor]
+
+
+class _FusedOut(NamedTuple):
+    """A feed-forward projection computed inside the group that sends it: the
+    group returns its current; the gradient w.r.t. the spikes is formed chunk
+    by chunk in the group's backward (never as a whole ``[T, B, n_pre]`` tensor)."""
+
+    pre: int  # local index of the sending population
+    n_post: int
+    kplan: _KernelPlan
+    grad_mask: Optional[torch.Tensor]
+
+
 class _GroupPlan(NamedTuple):
     sizes: Tuple[int, ...]
     edges: Tuple[Tuple[int, int, Optional[SparseStructure]], ...]  # (post, pre, structure) local indices
@@ -481,6 +516,8 @@ class _GroupPlan(NamedTuple):
     slope: float
     trace: bool  # return the post-reset membrane trace [T, B, n] instead of the last membrane
     event_driven: bool  # sparse recurrent edges: gather active presynaptic rows in the forward
+    fused_in: Tuple[_FusedIn, ...] = ()
+    fused_out: Tuple[_FusedOut, ...] = ()
 
 
 #: Elements per time chunk in the backward pass (~1 MB of fp32): the
@@ -504,131 +541,285 @@ def _surrogate_num(kind: str, slope: float) -> float:
     return 1.0 if kind == "fast_sigmoid" else slope / 2
 
 
+def _delayed_rows(pre_s: torch.Tensor, pre_s0: torch.Tensor, c0: int, c1: int, fn) -> None:
+    """Apply ``fn(rows [M, n_pre], r0, r1)`` to the presynaptic spikes that steps
+    ``[c0, c1)`` read (one step earlier; step 0 reads ``pre_s0``), where
+    ``[r0, r1)`` are the step offsets within the chunk."""
+    n_pre = pre_s.shape[2]
+    if c0 == 0:
+        fn(pre_s0, 0, 1)
+        if c1 > 1:
+            fn(pre_s[0:c1 - 1].reshape(-1, n_pre), 1, c1)
+    else:
+        fn(pre_s[c0 - 1:c1 - 1].reshape(-1, n_pre), 0, c1 - c0)
+
+
+class _WeightGradAcc:
+    """Accumulates ``sum g^T s`` (``g [M, n_post]``, binary ``s [M, n_pre]`` as bool)
+    over chunks: on the ``grad_mask`` edges only through the kernels when one is
+    given (and the gradients are finite), else dense (event-driven when sparse)."""
+
+    def __init__(self, n_post: int, n_pre: int, grad_mask: Optional[torch.Tensor], like: torch.Tensor) -> None:
+        self.shape = (n_post, n_pre)
+        self.edges = None
+        if (grad_mask is not None and like.dtype == torch.float32 and like.device.type == "cpu"
+                and kernels.available()):
+            self.edges = kernels.csr_by_pre(grad_mask, values=False)
+            self.acc = like.new_zeros(self.edges.idx.numel())
+        else:
+            self.acc = like.new_zeros(n_post, n_pre)
+
+    def add(self, g: torch.Tensor, sb: torch.Tensor) -> None:
+        """``sb``: the spikes as bool, or the reset mask ``1 - s`` (float)."""
+        if g.shape[0] == 0:
+            return
+        if self.edges is not None and not _all_finite(g):
+            self.acc, self.edges = self.result(), None  # NaN/Inf: the dense GEMM's propagation from here on
+        if self.edges is not None:
+            kernels.spike_weight_grad(g.contiguous(), sb.contiguous(), self.edges, acc=self.acc)
+        else:
+            self.acc.add_(_weight_grad(g, sb if sb.dtype == torch.bool else torch.eq(sb, 0.0)))
+
+    def result(self) -> torch.Tensor:
+        if self.edges is None:
+            return self.acc
+        out = self.acc.new_zeros(self.shape)
+        out[self.edges.idx, self.edges.pre] = self.acc
+        return out
+
+
+def _kernel_input_grad(g: torch.Tensor, kplan: _KernelPlan, weight: torch.Tensor, finite: bool,
+                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``g [M, n_post] @ W`` through the kernel, or the GEMM for non-finite ``g``
+    (NaN * 0 = NaN exactly as in the reference)."""
+    if finite:
+        return kernels.spike_matmul_input_grad(g.contiguous(), kplan.csr, out=out)
+    return torch.mm(g, weight, out=out) if out is not None else torch.mm(g, weight)
+
+
+class _AStore:
+    """dL/dv of one population during the reverse sweep: the whole ``[T, B, n]``
+    when it is returned as the current's gradient, else only the current chunk
+    plus the step after it."""
+
+    def __init__(self, full: bool, T: int, chunk: int, like: torch.Tensor) -> None:
+        self.full = full
+        self.buf = like.new_empty((T + 1 if full else chunk + 1), *like.shape[1:])
+        self.prev_len = 0
+
+    def window(self, c0: int, c1: int) -> torch.Tensor:
+        """Rows for steps ``c0 .. c1`` (the last one final from the previous chunk)."""
+        if self.full:
+            return self.buf[c0:c1 + 1]
+        if self.prev_len:  # the previous chunk's first step is this chunk's step c1
+            self.buf[c1 - c0].copy_(self.buf[0])
+        self.prev_len = c1 - c0
+        return self.buf[:c1 - c0 + 1]
+
+
 class _GroupScan(torch.autograd.Function):
     """LIF scan of ``K`` populations coupled by delayed projections (``K = 1`` and
     no edges: :func:`lif_scan`).
 
-    Inputs: ``plan, current*K [T,B,n_k], beta*K (0-d), theta*K [n_k],
-    mem0*K [B,n_k], spk0*K [B,n_k], w*E`` (dense ``[n_post,n_pre]`` or sparse
-    values ``[nnz]``). Outputs: ``spikes*K [T,B,n_k]``, ``mem*K`` (last
-    post-reset membrane ``[B,n_k]``, or the trace ``[T,B,n_k]`` with ``plan.trace``).
-    Saved for backward: the pre-reset membranes ``V`` only (spikes, reset masks
-    and surrogate derivatives are recomputed from them).
+    Inputs: ``plan, current*K [T,B,n_k] (None for a population fed by a fused
+    projection), beta*K (0-d), theta*K [n_k], mem0*K [B,n_k], spk0*K [B,n_k],
+    w*E`` (dense ``[n_post,n_pre]`` or sparse values ``[nnz]``), then per fused
+    incoming projection ``pre_spikes [T,B,n_pre], pre_s0 [B,n_pre], weight``
+    and per fused outgoing projection ``weight``. Outputs: ``spikes*K [T,B,n_k]``,
+    ``mem*K`` (last post-reset membrane ``[B,n_k]``, or the trace ``[T,B,n_k]``
+    with ``plan.trace``), and the current ``[T,B,n_post]`` of every fused
+    outgoing projection. Saved for backward: the pre-reset membranes ``V`` (spikes,
+    reset masks and surrogate derivatives are recomputed from them) and the
+    presynaptic spikes of fused incoming projections as ``bool``.
     """
 
     @staticmethod
     def forward(ctx, plan: _GroupPlan, *tensors):
-        K = len(plan.sizes)
+        K, E, FI = len(plan.sizes), len(plan.edges), len(plan.fused_in)
         cur = tensors[0:K]
         beta = tensors[K:2 * K]
         theta = tensors[2 * K:3 * K]
         mem0 = tensors[3 * K:4 * K]
         spk0 = tensors[4 * K:5 * K]
-        wts = tensors[5 * K:]
-        T = cur[0].shape[0]
-        V = [torch.empty_like(c) for c in cur]
-        S = [torch.empty_like(c) for c in cur]
+        wts = tensors[5 * K:5 * K + E]
+        fin = tensors[5 * K + E:5 * K + E + 3 * FI]
+        fout_w = tensors[5 * K + E + 3 * FI:]
+        T = next(c.shape[0] for c in (*cur, *fin[0::3]) if c is not None)
+        B = mem0[0].shape[0]
+        V = [mem0[k].new_empty(T, B, n) for k, n in enumerate(plan.sizes)]
+        S = [torch.empty_like(v) for v in V]
         Vs = [v.unbind(0) for v in V]
         Ss = [s.unbind(0) for s in S]
-        Cs = [c.unbind(0) for c in cur]
+        Cs = [c.unbind(0) if c is not None else None for c in cur]
+        fed = {f.post: i for i, f in enumerate(plan.fused_in)}
+        chunk = max(1, min(T, _CHUNK_ELEMENTS // max(1, B * max(plan.sizes)))) if fed else T
+        inbuf = {k: mem0[k].new_empty(chunk, B, plan.sizes[k]) for k in fed}
         vr = [m.clone() for m in mem0]
+        incoming: List[List[Tuple[int, int]]] = [[] for _ in range(K)]
+        for e, (post, pre, _) in enumerate(plan.edges):
+            incoming[post].append((e, pre))
+        wts_t = []  # dense: W^T; sparse: values in transposed order (event) or values (CSR)
+        for (post, pre, st), w in zip(plan.edges, wts):
+            if st is None:
+                wts_t.append(w.t())
+            else:
+                wts_t.append(w[st.t_perm] if plan.event_driven else w)
+        sprev = list(spk0)
         # Per step: v = beta*vr + I (mul, add: the rounding of snnTorch's Leaky);
         # s = v > theta written as float; vr = v - v*s (exactly v*(1-s) for s in {0,1}).
-        if plan.edges:
-            incoming: List[List[Tuple[int, int]]] = [[] for _ in range(K)]
-            for e, (post, pre, _) in enumerate(plan.edges):
-                incoming[post].append((e, pre))
-            wts_t = []  # dense: W^T; sparse: values in transposed order (event) or values (CSR)
-            for (post, pre, st), w in zip(plan.edges, wts):
-                if st is None:
-                    wts_t.append(w.t())
-                else:
-                    wts_t.append(w[st.t_perm] if plan.event_driven else w)
-            sprev = list(spk0)
-            for t in range(T):
-                currents = []
+        for c0 in range(0, T, chunk):
+            c1 = min(T, c0 + chunk)
+            for k, i in fed.items():  # fused incoming currents of this chunk (bit-identical to the GEMM)
+                kp, buf = plan.fused_in[i].kplan, inbuf[k]
+                n = plan.sizes[k]
+
+                def fwd(rows, r0, r1, kp=kp, buf=buf, n=n):
+                    kernels.spike_matmul(rows.contiguous(), kp.csr, kp.block, out=buf[r0:r1].view(-1, n))
+
+                _delayed_rows(fin[3 * i], fin[3 * i + 1], c0, c1, fwd)
+            if plan.edges:
+                for t in range(c0, c1):
+                    currents = []
+                    for k in range(K):
+                        I = Cs[k][t] if Cs[k] is not None else inbuf[k][t - c0]
+                        for e, pre in incoming[k]:
+                            st = plan.edges[e][2]
+                            if st is None:  # (small batches: an aligned copy, see _MIN_GEMM_ROWS)
+                                contrib = torch.mm(sprev[pre] if B >= _MIN_GEMM_ROWS else sprev[pre].clone(), wts_t[e])
+                            elif plan.event_driven:
+                                contrib = st.event_matmul(wts_t[e], sprev[pre])
+                            else:
+                                contrib = st.spmm(wts_t[e], sprev[pre])
+                            I = I + contrib
+                        currents.append(I)
+                    for k in range(K):
+                        v, s = Vs[k][t], Ss[k][t]
+                        torch.mul(vr[k], beta[k], out=v)
+                        v.add_(currents[k])
+                        torch.gt(v, theta[k], out=s)
+                        vr[k] = torch.addcmul(v, v, s, value=-1.0)
+                        sprev[k] = s
+            else:
                 for k in range(K):
-                    I = Cs[k][t]
-                    for e, pre in incoming[k]:
-                        st = plan.edges[e][2]
-                        if st is None:
-                            contrib = torch.mm(sprev[pre], wts_t[e])
-                        elif plan.event_driven:
-                            contrib = st.event_matmul(wts_t[e], sprev[pre])
-                        else:
-                            contrib = st.spmm(wts_t[e], sprev[pre])
-                        I = I + contrib
-                    currents.append(I)
-                for k in range(K):
-                    v, s = Vs[k][t], Ss[k][t]
-                    torch.mul(vr[k], beta[k], out=v)
-                    v.add_(currents[k])
-                    torch.gt(v, theta[k], out=s)
-                    vr[k] = torch.addcmul(v, v, s, value=-1.0)
-                    sprev[k] = s
-        else:
-            for k in range(K):
-                b, th, vk, sk, ck, m = beta[k], theta[k], Vs[k], Ss[k], Cs[k], vr[k]
-                for t in range(T):
-                    v, s = vk[t], sk[t]
-                    torch.mul(m, b, out=v)
-                    v.add_(ck[t])
-                    torch.gt(v, th, out=s)
-                    m = torch.addcmul(v, v, s, value=-1.0)
-                vr[k] = m
+                    b, th, vk, sk, m = beta[k], theta[k], Vs[k], Ss[k], vr[k]
+                    ck = Cs[k] if Cs[k] is not None else inbuf[k].unbind(0)
+                    off = 0 if Cs[k] is not None else c0
+                    for t in range(c0, c1):
+                        v, s = vk[t], sk[t]
+                        torch.mul(m, b, out=v)
+                        v.add_(ck[t - off])
+                        torch.gt(v, th, out=s)
+                        m = torch.addcmul(v, v, s, value=-1.0)
+                    vr[k] = m
+        del inbuf
+        outs = []
+        for fo in plan.fused_out:  # the whole train at once: one kernel call over all T*B rows
+            o = mem0[0].new_empty(T, B, fo.n_post)
+            kp, n = fo.kplan, plan.sizes[fo.pre]
+            kernels.spike_matmul(spk0[fo.pre].contiguous(), kp.csr, kp.block, out=o[0])
+            if T > 1:
+                kernels.spike_matmul(S[fo.pre][:-1].reshape(-1, n), kp.csr, kp.block, out=o[1:].view(-1, fo.n_post))
+            outs.append(o)
         mems = [torch.addcmul(V[k], V[k], S[k], value=-1.0) for k in range(K)] if plan.trace else vr
         ctx.plan = plan
-        ctx.save_for_backward(*V, *mem0, *spk0, *beta, *theta, *wts)
-        return (*S, *mems)
+        fin_saved = []
+        for i in range(FI):
+            fin_saved += [fin[3 * i].bool(), fin[3 * i + 1].bool(), fin[3 * i + 2]]
+        ctx.save_for_backward(*V, *mem0, *spk0, *beta, *theta, *wts, *fin_saved, *fout_w)
+        return (*S, *mems, *outs)
 
     @staticmethod
     def backward(ctx, *grads):
         plan: _GroupPlan = ctx.plan
-        K = len(plan.sizes)
+        K, E, FI, FO = len(plan.sizes), len(plan.edges), len(plan.fused_in), len(plan.fused_out)
         saved = ctx.saved_tensors
         V = saved[0:K]
         mem0 = saved[K:2 * K]
         spk0 = saved[2 * K:3 * K]
         beta = saved[3 * K:4 * K]
         theta = saved[4 * K:5 * K]
-        wts = saved[5 * K:]
+        wts = saved[5 * K:5 * K + E]
+        fin = saved[5 * K + E:5 * K + E + 3 * FI]
+        fout_w = saved[5 * K + E + 3 * FI:]
         gS = grads[0:K]
         gM = grads[K:2 * K]
+        gO = [None if g is None else g.contiguous() for g in grads[2 * K:]]
         T, B = V[0].shape[:2]
         need = ctx.needs_input_grad[1:]  # drop plan
+        i_fin = 5 * K + E  # offsets in `need`
+        i_fout = i_fin + 3 * FI
         betas = [float(b) for b in beta]
         num = _surrogate_num(plan.surrogate, plan.slope)
-        A = [torch.empty_like(v) for v in V]  # a_t = dL/dv_t  (= dL/dI_t)
-        As = [a.unbind(0) for a in A]
+        chunk = max(1, min(T, _CHUNK_ELEMENTS // max(1, B * max(plan.sizes))))
+        store = [_AStore(bool(need[k]), T, chunk, V[k]) for k in range(K)]  # a_t = dL/dv_t (= dL/dI_t)
         g_theta = [torch.zeros_like(th) for th in theta]
         g_beta = [V[k].new_zeros(()) for k in range(K)]
         outgoing: List[List[Tuple[int, int]]] = [[] for _ in range(K)]
         for e, (post, pre, _) in enumerate(plan.edges):
             outgoing[pre].append((e, post))
-        chunk = max(1, min(T, _CHUNK_ELEMENTS // max(1, B * max(plan.sizes))))
         # weight gradients of the internal edges, accumulated chunk by chunk from the
         # reset masks already in cache (no second pass over V; event-driven when sparse)
-        w_need = [need[5 * K + e] for e in range(len(plan.edges))]
+        w_need = [need[5 * K + e] for e in range(E)]
         g_w: List[Optional[torch.Tensor]] = [
             (V[0].new_zeros(plan.sizes[post], plan.sizes[pre]) if st is None else V[0].new_zeros(st.nnz)) if w_need[e] else None
             for e, (post, pre, st) in enumerate(plan.edges)]
+        # fused outgoing projections: dL/ds_pre[t] += gO[t+1] @ W, dW += gO[t+1]^T s_pre[t]
+        fo_finite = [g is not None and _all_finite(g) for g in gO]
+        elementwise_kernel = (V[0].dtype == torch.float32 and V[0].device.type == "cpu" and kernels.available()
+                              and all(th.is_contiguous() for th in theta))
+        if elementwise_kernel:
+            mbuf = [V[k].new_empty(chunk, B, n) for k, n in enumerate(plan.sizes)]
+            sdbuf = [V[k].new_empty(chunk, B, n) for k, n in enumerate(plan.sizes)] if plan.edges else None
+        gbuf = {fo.pre: V[fo.pre].new_empty(chunk, B, plan.sizes[fo.pre])
+                for j, fo in enumerate(plan.fused_out) if gO[j] is not None}
+        fo_acc = [_WeightGradAcc(fo.n_post, plan.sizes[fo.pre], fo.grad_mask, V[0])
+                  if gO[j] is not None and need[i_fout + j] else None for j, fo in enumerate(plan.fused_out)]
+        # fused incoming projections: dL/dpre[t-1] = a[t] @ W, dW += a[t]^T pre[t-1]
+        fi_gpre = [V[0].new_empty(fin[3 * i].shape) if need[i_fin + 3 * i] else None for i in range(FI)]
+        fi_gpre0 = [None] * FI
+        fi_acc = [_WeightGradAcc(plan.sizes[f.post], fin[3 * i].shape[2], f.grad_mask, V[0])
+                  if need[i_fin + 3 * i + 2] else None for i, f in enumerate(plan.fused_in)]
         for c1 in range(T, 0, -chunk):
             c0 = max(0, c1 - chunk)
+            L = c1 - c0
+            hi = min(c1, T - 1)  # steps [c0, hi) have a successor
+            Aw = [st.window(c0, c1) for st in store]
+            As = [a.unbind(0) for a in Aw]
             Mc, SDc = [], []
             for k in range(K):
                 vc = V[k][c0:c1]
-                x = torch.sub(vc, theta[k])
-                m = torch.le(x, 0.0, out=torch.empty_like(x))  # 1 - s
-                d = _surrogate_chunk(x, plan.surrogate, plan.slope)
-                ac = A[k][c0:c1]
-                g = gS[k]
-                if g is None:
-                    ac.zero_()
-                elif num == 1.0:
-                    torch.div(g[c0:c1], d, out=ac)
+                ac = Aw[k][:L]
+                g = gS[k][c0:c1] if gS[k] is not None else None
+                parts = [(j, fo) for j, fo in enumerate(plan.fused_out) if fo.pre == k and gO[j] is not None]
+                if parts and hi > c0:  # dL/ds_k[t] from the fused outgoing currents at t+1
+                    buf = gbuf[k][:L]
+                    for n_part, (j, fo) in enumerate(parts):
+                        rows = gO[j][c0 + 1:hi + 1].view(-1, fo.n_post)
+                        if n_part == 0:
+                            _kernel_input_grad(rows, fo.kplan, fout_w[j], fo_finite[j],
+                                               out=buf[:hi - c0].view(-1, plan.sizes[k]))
+                        else:
+                            buf[:hi - c0].add_(_kernel_input_grad(rows, fo.kplan, fout_w[j], fo_finite[j])
+                                               .view(hi - c0, B, plan.sizes[k]))
+                    if hi - c0 < L:
+                        buf[hi - c0:].zero_()  # the last step feeds no current
+                    g = buf if g is None else buf.add_(g)
+                if elementwise_kernel:  # one pass instead of ~10 whole-chunk torch ops
+                    m, sd = mbuf[k][:L], (sdbuf[k][:L] if plan.edges else None)
+                    kernels.lif_backward_chunk(vc, theta[k], None if g is None else g.contiguous(), plan.surrogate,
+                                               plan.slope, ac, m, sd, g_theta[k])
                 else:
-                    torch.div(g[c0:c1], d, out=ac).mul_(num)
-                g_theta[k].sub_(ac.sum((0, 1)))
+                    x = torch.sub(vc, theta[k])
+                    m = torch.le(x, 0.0, out=torch.empty_like(x))  # 1 - s
+                    d = _surrogate_chunk(x, plan.surrogate, plan.slope)
+                    if g is None:
+                        ac.zero_()
+                    elif num == 1.0:
+                        torch.div(g, d, out=ac)
+                    else:
+                        torch.div(g, d, out=ac).mul_(num)
+                    g_theta[k].sub_(ac.sum((0, 1)))
+                    sd = d.reciprocal_().mul_(num) if plan.edges else None
                 h = gM[k]
                 if h is not None:
                     if plan.trace:
@@ -636,7 +827,7 @@ class _GroupScan(torch.autograd.Function):
                     elif c1 == T:
                         ac[-1].addcmul_(m[-1], h)
                 Mc.append(m)
-                SDc.append(d.reciprocal_().mul_(num) if plan.edges else None)
+                SDc.append(sd)
             for t in range(c1 - 1, c0 - 1, -1):
                 if t == T - 1:
                     continue
@@ -646,23 +837,41 @@ class _GroupScan(torch.autograd.Function):
                         r = None
                         for e, p in outgoing[q]:
                             st = plan.edges[e][2]
-                            a_next = As[p][t + 1]
+                            a_next = As[p][i + 1]
                             c = torch.mm(a_next, wts[e]) if st is None else st.spmm_t(wts[e], a_next)
                             r = c if r is None else r + c
                         if r is not None:
                             r.mul_(SDc[q][i])  # recurrent part of dL/dv_t: (dL/ds_t via W) * sigma'
-                            As[q][t].add_(r)
+                            As[q][i].add_(r)
                             g_theta[q].sub_(r.sum(0))
                 for q in range(K):
-                    As[q][t].addcmul_(Mc[q][i], As[q][t + 1], value=betas[q])
-            # dL/dbeta: sum_t a_t . vr_{t-1}, with vr_{t-1} = (1 - s_{t-1}) v_{t-1} for t-1 in [c0, c1)
-            hi = min(c1, T - 1)
+                    As[q][i].addcmul_(Mc[q][i], As[q][i + 1], value=betas[q])
+            # a[c0 .. c1) are final: gradients of the fused incoming projections for these steps
+            for i, f in enumerate(plan.fused_in):
+                a_rows = Aw[f.post][:L]
+                pre_sb, pre_s0b, w = fin[3 * i], fin[3 * i + 1], fin[3 * i + 2]
+                n_post = plan.sizes[f.post]
+                finite = _all_finite(a_rows) if (fi_gpre[i] is not None or need[i_fin + 3 * i + 1]) else True
+                if fi_gpre[i] is not None or need[i_fin + 3 * i + 1]:
+                    if c0 == 0:
+                        fi_gpre0[i] = _kernel_input_grad(a_rows[0], f.kplan, w, finite)
+                        if fi_gpre[i] is not None and c1 > 1:
+                            _kernel_input_grad(a_rows[1:].reshape(-1, n_post), f.kplan, w, finite,
+                                               out=fi_gpre[i][0:c1 - 1].view(-1, pre_sb.shape[2]))
+                    elif fi_gpre[i] is not None:
+                        _kernel_input_grad(a_rows.reshape(-1, n_post), f.kplan, w, finite,
+                                           out=fi_gpre[i][c0 - 1:c1 - 1].view(-1, pre_sb.shape[2]))
+                if fi_acc[i] is not None:
+                    acc = fi_acc[i]
+                    _delayed_rows(pre_sb, pre_s0b, c0, c1,
+                                  lambda rows, r0, r1, acc=acc, a_rows=a_rows, n_post=n_post:
+                                  acc.add(a_rows[r0:r1].reshape(-1, n_post), rows))
             if hi > c0:
                 for e, (post, pre, st) in enumerate(plan.edges):
                     if not w_need[e]:
                         continue
-                    # sum_{t in [c0, hi)} a_post[t+1]^T s_pre[t]  (A[c0+1 .. hi] are final here)
-                    a_c = A[post][c0 + 1:hi + 1].reshape(-1, plan.sizes[post])
+                    # sum_{t in [c0, hi)} a_post[t+1]^T s_pre[t]  (a[c0+1 .. hi] are final here)
+                    a_c = Aw[post][1:hi - c0 + 1].reshape(-1, plan.sizes[post])
                     m_c = Mc[pre][: hi - c0].reshape(-1, plan.sizes[pre])  # 1 - s_pre
                     if st is None and plan.sizes[post] >= _EVENT_WGRAD_MIN_POST:
                         g_w[e].add_(_weight_grad(a_c, torch.eq(m_c, 0.0)))
@@ -670,15 +879,21 @@ class _GroupScan(torch.autograd.Function):
                         g_w[e].addmm_(a_c.t(), torch.rsub(m_c, 1.0))
                     else:
                         g_w[e].add_(st.sddmm(a_c, torch.rsub(m_c, 1.0)))
+                for j, fo in enumerate(plan.fused_out):
+                    if fo_acc[j] is not None:
+                        keep = Mc[fo.pre][: hi - c0].view(-1, plan.sizes[fo.pre])  # 1 - s
+                        fo_acc[j].add(gO[j][c0 + 1:hi + 1].view(-1, fo.n_post), keep)
+            # dL/dbeta: sum_t a_t . vr_{t-1}, with vr_{t-1} = (1 - s_{t-1}) v_{t-1} for t-1 in [c0, c1)
             for k in range(K):
                 if need[K + k] and hi > c0:
                     vr_c = Mc[k][: hi - c0].mul_(V[k][c0:hi])
-                    g_beta[k].add_(torch.dot(A[k][c0 + 1:hi + 1].reshape(-1), vr_c.reshape(-1)))
-        g_cur = [A[k] if need[k] else None for k in range(K)]
+                    g_beta[k].add_(torch.dot(Aw[k][1:hi - c0 + 1].reshape(-1), vr_c.reshape(-1)))
+        A0 = [st.buf[0] for st in store]  # a at step 0 (both layouts keep it in row 0 at the end)
+        g_cur = [store[k].buf[:T] if need[k] else None for k in range(K)]
         g_mem0, g_spk0 = [], []
         for k in range(K):
-            g_beta[k].add_(torch.dot(A[k][0].reshape(-1), mem0[k].reshape(-1)))
-            g_mem0.append(A[k][0] * beta[k] if need[3 * K + k] else None)
+            g_beta[k].add_(torch.dot(A0[k].reshape(-1), mem0[k].reshape(-1)))
+            g_mem0.append(A0[k] * beta[k] if need[3 * K + k] else None)
         g_beta = [gb.reshape(beta[k].shape) if need[K + k] else None for k, gb in enumerate(g_beta)]
         g_theta = [gt if need[2 * K + k] else None for k, gt in enumerate(g_theta)]
         for q in range(K):
@@ -689,16 +904,35 @@ class _GroupScan(torch.autograd.Function):
             for e, (post, pre, st) in enumerate(plan.edges):
                 if pre != q:
                     continue
-                c = torch.mm(A[post][0], wts[e]) if st is None else st.spmm_t(wts[e], A[post][0])
+                c = torch.mm(A0[post], wts[e]) if st is None else st.spmm_t(wts[e], A0[post])
                 r = c if r is None else r + c
+            for j, fo in enumerate(plan.fused_out):
+                if fo.pre == q and gO[j] is not None:
+                    c = _kernel_input_grad(gO[j][0], fo.kplan, fout_w[j], fo_finite[j])
+                    r = c if r is None else r + c
             g_spk0.append(r if r is not None else torch.zeros_like(spk0[q]))
         for e, (post, pre, st) in enumerate(plan.edges):
             if w_need[e]:  # step 0 reads the initial spikes
                 if st is None:
-                    g_w[e].addmm_(A[post][0].t(), spk0[pre])
+                    g_w[e].addmm_(A0[post].t(), spk0[pre])
                 else:
-                    g_w[e].add_(st.sddmm(A[post][0], spk0[pre]))
-        return (None, *g_cur, *g_beta, *g_theta, *g_mem0, *g_spk0, *g_w)
+                    g_w[e].add_(st.sddmm(A0[post], spk0[pre]))
+        g_fin = []
+        for i in range(FI):
+            if fi_gpre[i] is not None:
+                fi_gpre[i][-1].zero_()  # the last presynaptic step reaches no current
+            g_fin += [fi_gpre[i], fi_gpre0[i] if need[i_fin + 3 * i + 1] else None,
+                      fi_acc[i].result() if fi_acc[i] is not None else None]
+        g_fout = []
+        for j, fo in enumerate(plan.fused_out):
+            if not need[i_fout + j]:
+                g_fout.append(None)
+            elif fo_acc[j] is None:  # the current was not used
+                g_fout.append(torch.zeros_like(fout_w[j]))
+            else:
+                fo_acc[j].add(gO[j][0], spk0[fo.pre].bool())  # step 0 reads the initial spikes
+                g_fout.append(fo_acc[j].result())
+        return (None, *g_cur, *g_beta, *g_theta, *g_mem0, *g_spk0, *g_w, *g_fin, *g_fout)
 
 
 def _as_param(value, like: torch.Tensor, shape: Optional[Tuple[int, ...]] = None, what: str = "") -> torch.Tensor:
@@ -976,41 +1210,82 @@ def _run_segment(x, state: Dict[str, PopulationState], circ: _Circuit, input_pop
     spikes: Dict[str, torch.Tensor] = {}
     out: Dict[str, torch.Tensor] = {}
     new_state: Dict[str, PopulationState] = {}
+    produced: Dict[int, torch.Tensor] = {}  # currents of projections fused into their sending group
+    pidx = {id(q): i for i, q in enumerate(circ.projs)}
+
+    def release(pre: str) -> None:
+        uses[pre] -= 1
+        if uses[pre] == 0:
+            del spikes[pre]
+
     for group in circ.groups:
         gset = set(group)
-        currents = []
+        local = {n: i for i, n in enumerate(group)}
+        currents: List[Optional[torch.Tensor]] = []
+        fused_in: List[_FusedIn] = []
+        fin_tensors: List[torch.Tensor] = []
         for name in group:
             n = circ.sizes[name]
-            ext = x if name == input_population else None
-            for q in circ.projs:
-                if q.post != name or q.pre in gset:
-                    continue
-                c = _delayed_projection(spikes[q.pre], state[q.pre].spikes, q)
-                uses[q.pre] -= 1
-                if uses[q.pre] == 0:
-                    del spikes[q.pre]
-                ext = c if ext is None else ext + c
+            external = [q for q in circ.projs if q.post == name and q.pre not in gset]
             bias = circ.pops[name].get("bias")
+            # A sparse projection into a larger population that is this population's
+            # only input is computed inside the scan, chunk by chunk (_FusedIn).
+            if (_FUSE_PROJECTIONS and len(external) == 1 and name != input_population and bias is None
+                    and pidx[id(external[0])] not in produced and external[0].weight is not None
+                    and external[0].structure is None and n >= circ.sizes[external[0].pre]):
+                q = external[0]
+                kp = _kernel_plan(state[q.pre].spikes, q.weight)
+                if kp is not None:
+                    fused_in.append(_FusedIn(local[name], kp, q.grad_mask))
+                    fin_tensors += [spikes[q.pre], state[q.pre].spikes, q.weight]
+                    release(q.pre)
+                    currents.append(None)
+                    continue
+            ext = x if name == input_population else None
+            for q in external:
+                c = produced.pop(pidx[id(q)], None)
+                if c is None:
+                    c = _delayed_projection(spikes[q.pre], state[q.pre].spikes, q)
+                    release(q.pre)
+                ext = c if ext is None else ext + c
             if bias is not None:
                 bias = _as_param(bias, x, (n,), f"population {name} bias")
                 ext = bias.expand(T, B, n) if ext is None else ext + bias
             if ext is None:
                 ext = x.new_zeros(T, B, n)
             currents.append(ext)
+        # A sparse projection out of this group into a smaller population is
+        # computed inside the scan, its spike gradient formed chunk by chunk (_FusedOut).
+        fused_out: List[_FusedOut] = []
+        fout_tensors: List[torch.Tensor] = []
+        fout_ids: List[int] = []
+        for q in circ.projs:
+            if (not _FUSE_PROJECTIONS or q.pre not in gset or q.post in gset or q.structure is not None
+                    or q.weight is None or circ.sizes[q.pre] <= circ.sizes[q.post]):
+                continue
+            kp = _kernel_plan(state[q.pre].spikes, q.weight)
+            if kp is None:
+                continue
+            fused_out.append(_FusedOut(local[q.pre], circ.sizes[q.post], kp, q.grad_mask))
+            fout_tensors.append(q.weight)
+            fout_ids.append(pidx[id(q)])
+            uses[q.pre] -= 1  # its spike train is consumed inside the scan
         internal = [q for q in circ.projs if q.pre in gset and q.post in gset]
-        local = {n: i for i, n in enumerate(group)}
         plan = _GroupPlan(
             tuple(circ.sizes[n] for n in group),
             tuple((local[q.post], local[q.pre], q.structure) for q in internal),
             surrogate, float(slope), bool(record_membrane), bool(event_driven),
+            tuple(fused_in), tuple(fused_out),
         )
         betas = [_as_param(circ.pops[n]["beta"], x, (), f"population {n} beta") for n in group]
         thetas = [_as_param(circ.pops[n]["threshold"], x, (circ.sizes[n],), f"population {n} threshold") for n in group]
         mem0 = [state[n].mem for n in group]
         spk0 = [state[n].spikes for n in group]
         wts = [q.weight if q.structure is None else q.values for q in internal]
-        res = _GroupScan.apply(plan, *currents, *betas, *thetas, *mem0, *spk0, *wts)
+        res = _GroupScan.apply(plan, *currents, *betas, *thetas, *mem0, *spk0, *wts, *fin_tensors, *fout_tensors)
         K = len(group)
+        for j, i in enumerate(fout_ids):
+            produced[i] = res[2 * K + j]
         for i, name in enumerate(group):
             s, m = res[i], res[K + i]
             if uses[name] > 0:
@@ -1022,7 +1297,7 @@ def _run_segment(x, state: Dict[str, PopulationState], circ: _Circuit, input_pop
             # clone: a view of the last step would keep the whole [T, B, n] buffer alive
             last_m = m[-1].clone() if record_membrane else m
             new_state[name] = PopulationState(last_m, s[-1].clone())
-        del res, currents
+        del res, currents, fin_tensors
     return out, new_state
 
 

@@ -93,7 +93,16 @@ def test_kernels_refuse_wrong_inputs():
     with pytest.raises(ValueError, match="float32"):
         kernels.spike_matmul(torch.zeros(3, 20, dtype=torch.float64), csr, 20)
     with pytest.raises(ValueError, match="bool"):
-        kernels.spike_weight_grad(torch.zeros(3, 10), torch.zeros(3, 20), kernels.csr_by_pre(W != 0, values=False))
+        kernels.spike_weight_grad(torch.zeros(3, 10), torch.zeros(3, 20, dtype=torch.float64),
+                                  kernels.csr_by_pre(W != 0, values=False))
+
+
+def test_weight_grad_from_reset_mask_equals_from_spikes():
+    S = _binary(120, 300, 0.05, seed=7)
+    G = torch.randn(120, 40, generator=torch.Generator().manual_seed(8))
+    edges = kernels.csr_by_pre(_sparse_weight(40, 300, 0.1, seed=9) != 0, values=False)
+    torch.testing.assert_close(kernels.spike_weight_grad(G, 1.0 - S, edges), kernels.spike_weight_grad(G, S.bool(), edges),
+                               rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------
@@ -142,7 +151,7 @@ class MidCircuit:
         return out
 
 
-def _mid_input(T=80, B=3, seed=1):
+def _mid_input(T=80, B=4, seed=1):
     g = torch.Generator().manual_seed(seed)
     return (torch.rand(T, B, MID["ORN"], generator=g) < 0.2).float() * 1.5
 
@@ -180,8 +189,24 @@ def kernel_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def group_plans(monkeypatch):
+    """The plans the engine hands to its group scans (to see what was fused)."""
+    plans = []
+    orig = engine._GroupScan.apply
+
+    def spy(plan, *tensors):
+        plans.append(plan)
+        return orig(plan, *tensors)
+
+    monkeypatch.setattr(engine._GroupScan, "apply", spy)
+    return plans
+
+
+@pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("checkpoint_every", [None, 30])
-def test_engine_on_kernels_matches_reference(kernel_calls, checkpoint_every, monkeypatch):
+def test_engine_on_kernels_matches_reference(kernel_calls, group_plans, checkpoint_every, fuse, monkeypatch):
+    monkeypatch.setattr(engine, "_FUSE_PROJECTIONS", fuse)
     circ = MidCircuit()
     x = _mid_input()
     leaves = circ.leaves()
@@ -193,6 +218,8 @@ def test_engine_on_kernels_matches_reference(kernel_calls, checkpoint_every, mon
     for n in MID:
         assert torch.equal(out[n], ref[n]), n
     g = _grads(out, leaves)
+    kc_group = [p for p in group_plans if p.sizes == (MID["KC"], MID["APL"])]
+    assert kc_group and all(bool(p.fused_in) == fuse and bool(p.fused_out) == fuse for p in kc_group)
     _assert_grads_close(g, g_ref)
     assert kernel_calls["fwd"] > 0 and kernel_calls["dgrad"] > 0 and kernel_calls["wgrad"] > 0
     # structural zeros get no gradient, existing synapses do
@@ -207,6 +234,73 @@ def test_engine_on_kernels_matches_reference(kernel_calls, checkpoint_every, mon
         assert torch.equal(out0[n], ref[n]), n
     _assert_grads_close(_grads(out0, leaves), g_ref)
     assert kernel_calls == before  # DMN_NEURO_KERNELS=0 really switched them off
+
+
+@pytest.mark.parametrize("with_apl", [True, False])
+def test_fused_projections_with_membranes_and_all_outputs(kernel_calls, group_plans, with_apl):
+    """KC spikes also used directly (their gradient adds to the fused one),
+    membrane traces recorded, and a KC group without the APL loop (the scan's
+    edge-free branch)."""
+    circ = MidCircuit(seed=11)
+    x = _mid_input(seed=12)
+
+    def args():
+        pops, projs = circ.populations(), circ.projections()
+        if not with_apl:
+            pops = [p for p in pops if p["name"] != "APL"]
+            projs = [q for q in projs if "APL" not in (q["pre"], q["post"])]
+        return pops, projs
+
+    leaves = [l for l in circ.leaves() if with_apl or l is not circ.raw_beta["APL"] and l is not circ.raw_thr["APL"]
+              and l is not circ.raw["KC", "APL"] and l is not circ.raw["APL", "KC"]]
+    ref = run_reference(x, *args(), record_membrane=True)
+    out = run_layered(x, *args(), record_membrane=True)
+    assert set(out) == set(ref)
+    for k in ref:
+        assert torch.equal(out[k], ref[k]), k
+    assert any(p.fused_in and p.fused_out for p in group_plans)
+    _assert_grads_close(_grads(out, leaves), _grads(ref, leaves))
+
+
+def test_fused_projections_propagate_nan_like_the_gemm(kernel_calls, group_plans):
+    """A NaN in the loss gradient spreads through the fused projections to the
+    same parameter entries as through the reference's GEMMs (NaN * 0 = NaN)."""
+    circ = MidCircuit(seed=13)
+    x = _mid_input(seed=14)
+    leaves = circ.leaves()
+
+    def nan_loss(o):
+        w = torch.ones_like(o["MBON"])
+        w[40, 1, 3] = float("nan")
+        return (o["MBON"] * w).sum() + o["DN"].sum()
+
+    res = []
+    for run in (run_reference, run_layered):
+        o = run(x, circ.populations(), circ.projections(), outputs=["MBON", "DN"])
+        gs = torch.autograd.grad(nan_loss(o), leaves, allow_unused=True)
+        res.append([torch.zeros_like(l) if g is None else g for g, l in zip(gs, leaves)])
+    assert any(p.fused_out for p in group_plans)
+    n_nan = 0
+    for a, b in zip(*res):
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+        n_nan += int(torch.isnan(a).sum())
+        fa = torch.isfinite(a)
+        if fa.any():
+            torch.testing.assert_close(a[fa], b[fa], rtol=1e-3, atol=1e-3 * float(b[fa].abs().max()))
+    assert n_nan > 0
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_small_batches_stay_bit_identical(batch, kernel_calls):
+    """MKL sums GEMMs with fewer than 4 rows in another order; the engine then
+    runs the reference's per-step GEMMs (and no kernels), so membranes match to the bit."""
+    circ = MidCircuit(seed=17)
+    x = _mid_input(B=batch, seed=18)
+    ref = run_reference(x, circ.populations(), circ.projections(), record_membrane=True)
+    out = run_layered(x, circ.populations(), circ.projections(), record_membrane=True)
+    for k in ref:
+        assert torch.equal(out[k], ref[k]), k
+    assert kernel_calls["fwd"] == 0
 
 
 def test_engine_without_grad_mask_computes_full_weight_gradient(kernel_calls):

@@ -119,7 +119,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.spike_fwd.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p]
     lib.spike_dgrad.argtypes = [p, i64, i64, p, p, p, i64, p, p, p]
     lib.spike_wgrad.argtypes = [p, i64, i64, p, i64, p, p, p]
-    for f in (lib.spike_fwd, lib.spike_dgrad, lib.spike_wgrad):
+    lib.spike_wgrad_keep.argtypes = [p, i64, i64, p, i64, p, p, p]
+    lib.lif_bwd_chunk.argtypes = [p, i64, i64, p, p, ctypes.c_int, ctypes.c_float, p, p, p, p]
+    for f in (lib.spike_fwd, lib.spike_dgrad, lib.spike_wgrad, lib.spike_wgrad_keep, lib.lif_bwd_chunk):
         f.restype = None
 
 
@@ -239,22 +241,52 @@ def spike_matmul_input_grad(grad: torch.Tensor, csr: CSR, out: Optional[torch.Te
 
 def spike_weight_grad(grad: torch.Tensor, spikes: torch.Tensor, edges: CSR,
                       acc: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``(grad^T @ spikes)[idx[e], pre[e]]`` for every edge: ``grad [M, n_post]``
-    float32, ``spikes [M, n_pre]`` bool. Returns (or adds into) ``acc [nnz]``."""
+    """``(grad^T @ S)[idx[e], pre[e]]`` for every edge: ``grad [M, n_post]``
+    float32; ``spikes [M, n_pre]`` either ``S`` as bool, or the float32 reset
+    mask ``1 - S`` that the LIF backward already has. Returns (or adds into)
+    ``acc [nnz]``."""
     lib = library()
     if lib is None:
         raise RuntimeError("dmn_neuro.kernels are not available")
     _check(grad, torch.float32, "grad")
-    _check(spikes, torch.bool, "spikes")
+    if spikes.dtype == torch.float32:
+        fn, what = lib.spike_wgrad_keep, "keep mask"
+    else:
+        fn, what = lib.spike_wgrad, "spikes"
+        _check(spikes, torch.bool, "spikes")
+    _check(spikes, spikes.dtype, what)
     M, N = grad.shape
     if spikes.shape != (M, edges.n_pre) or N != edges.n_post:
-        raise ValueError(f"shapes do not match: grad {list(grad.shape)}, spikes {list(spikes.shape)}, "
+        raise ValueError(f"shapes do not match: grad {list(grad.shape)}, {what} {list(spikes.shape)}, "
                          f"edges {[edges.n_post, edges.n_pre]}")
     if acc is None:
         acc = torch.zeros(edges.idx.numel(), dtype=torch.float32)
     _check(acc, torch.float32, "acc")
-    lib.spike_wgrad(_ptr(grad), M, N, _ptr(spikes), edges.n_pre, _ptr(edges.ptr), _ptr(edges.idx), _ptr(acc))
+    fn(_ptr(grad), M, N, _ptr(spikes), edges.n_pre, _ptr(edges.ptr), _ptr(edges.idx), _ptr(acc))
     return acc
+
+
+SURROGATE_KINDS = {"fast_sigmoid": 0, "atan": 1}
+
+
+def lif_backward_chunk(v: torch.Tensor, theta: torch.Tensor, g: Optional[torch.Tensor], surrogate: str, slope: float,
+                       a: torch.Tensor, keep: torch.Tensor, sd: Optional[torch.Tensor], g_theta: torch.Tensor) -> None:
+    """The elementwise part of the LIF backward over a chunk ``[..., n]`` in one
+    pass: ``a = g * sigma'(v - theta)`` (0 without ``g``), ``keep = (v <= theta)``
+    as float, ``sd = sigma'(v - theta)`` (if given), ``g_theta -= a`` summed over
+    all rows. All float32 CPU and contiguous; ``a``, ``keep``, ``sd`` are written."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("dmn_neuro.kernels are not available")
+    n = theta.shape[0]
+    for t, what in ((v, "v"), (theta, "theta"), (a, "a"), (keep, "keep"), (g_theta, "g_theta"), (g, "g"), (sd, "sd")):
+        if t is not None:
+            _check(t, torch.float32, what)
+            if t.shape[-1] != n or (t.ndim > 1 and t.shape != v.shape):
+                raise ValueError(f"{what}: shape {list(t.shape)} does not match v {list(v.shape)} / theta [{n}]")
+    lib.lif_bwd_chunk(_ptr(v), v.numel() // n, n, _ptr(theta), _ptr(g) if g is not None else None,
+                      SURROGATE_KINDS[surrogate], float(slope), _ptr(a), _ptr(keep), _ptr(sd) if sd is not None else None,
+                      _ptr(g_theta))
 
 
 def gemm_block_size(n_pre: int, n_post: int) -> Optional[int]:

@@ -121,9 +121,82 @@ void spike_wgrad(const float *G, int64_t M, int64_t N, const uint8_t *S, int64_t
     for (int64_t r = 0; r < M; ++r) {
         const uint8_t *s = S + r * K;
         const float *g = G + r * N;
-        for (int64_t k = 0; k < K; ++k) {
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8) {
+            uint64_t word;
+            memcpy(&word, s + k, 8);
+            if (!word) continue; /* 8 silent inputs */
+            for (int64_t q = k; q < k + 8; ++q) {
+                if (!s[q]) continue;
+                for (int64_t e = ptr[q]; e < ptr[q + 1]; ++e) acc[e] += g[idx[e]];
+            }
+        }
+        for (; k < K; ++k) {
             if (!s[k]) continue;
             for (int64_t e = ptr[k]; e < ptr[k + 1]; ++e) acc[e] += g[idx[e]];
         }
+    }
+}
+
+/* spike_wgrad with the spikes given as the float reset mask KEEP = 1 - S
+ * (0.0f where a neuron spiked, 1.0f elsewhere), as the LIF backward has it. */
+void spike_wgrad_keep(const float *G, int64_t M, int64_t N, const float *KEEP, int64_t K, const int64_t *ptr,
+                      const int64_t *idx, float *acc)
+{
+    for (int64_t r = 0; r < M; ++r) {
+        const float *m = KEEP + r * K;
+        const uint32_t *u = (const uint32_t *)m;
+        const float *g = G + r * N;
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8) {
+            /* all eight are 1.0f (no spike) iff the AND of their bits is 1.0f's */
+            if ((u[k] & u[k + 1] & u[k + 2] & u[k + 3] & u[k + 4] & u[k + 5] & u[k + 6] & u[k + 7]) == 0x3f800000u)
+                continue;
+            for (int64_t q = k; q < k + 8; ++q) {
+                if (m[q] != 0.0f) continue;
+                for (int64_t e = ptr[q]; e < ptr[q + 1]; ++e) acc[e] += g[idx[e]];
+            }
+        }
+        for (; k < K; ++k) {
+            if (m[k] != 0.0f) continue;
+            for (int64_t e = ptr[k]; e < ptr[k + 1]; ++e) acc[e] += g[idx[e]];
+        }
+    }
+}
+
+/* One time chunk of the LIF backward pass, elementwise, for one population:
+ * V [R, n] pre-reset membranes (R = steps * batch rows), theta [n], G [R, n]
+ * dL/ds or NULL. With x = v - theta and the surrogate derivative
+ *   fast_sigmoid (kind 0): sigma'(x) = 1 / (slope |x| + 1)^2
+ *   atan         (kind 1): sigma'(x) = (slope / 2) / (1 + (pi/2 slope x)^2)
+ * writes A = G * sigma'(x) (0 without G), KEEP = (x <= 0) (1 - s, float) and,
+ * if SD is not NULL, SD = sigma'(x); subtracts the column sums of A from
+ * gtheta [n]. */
+void lif_bwd_chunk(const float *V, int64_t R, int64_t n, const float *theta, const float *G, int kind, float slope,
+                   float *A, float *KEEP, float *SD, float *gtheta)
+{
+    const float c = kind == 0 ? slope : (float)(3.14159265358979323846 / 2.0) * slope;
+    const float num = kind == 0 ? 1.0f : slope / 2.0f;
+    for (int64_t r = 0; r < R; ++r) {
+        const float *v = V + r * n;
+        float *a = A + r * n, *keep = KEEP + r * n;
+        const float *g = G ? G + r * n : NULL;
+        float *sd = SD ? SD + r * n : NULL;
+        for (int64_t j = 0; j < n; ++j) {
+            const float x = v[j] - theta[j];
+            keep[j] = x <= 0.0f ? 1.0f : 0.0f;
+            float d;
+            if (kind == 0) {
+                const float q = c * (x < 0.0f ? -x : x) + 1.0f;
+                d = q * q;
+            } else {
+                const float q = c * x;
+                d = 1.0f + q * q;
+            }
+            const float s = num / d;
+            if (sd) sd[j] = s;
+            a[j] = g ? g[j] * s : 0.0f;
+        }
+        for (int64_t j = 0; j < n; ++j) gtheta[j] -= a[j];
     }
 }
