@@ -346,7 +346,7 @@ def main(argv=None) -> int:
     sizes = {p["name"]: int(p["threshold"].shape[0]) for p in bundle[1]()}
     log(f"circuit: {bundle[5]}; sizes {sizes}; surrogate {bundle[3]}({bundle[4]})")
     log(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"threads {args.threads}, batch {args.batch}; engine sparse projections: {args.sparse or 'none (dense GEMMs)'}; "
+        f"threads {args.threads}, batch {args.batch}; engine SparseStructure projections: {args.sparse or 'none'}; "
         f"malloc tuned (both variants): {malloc_tuned}")
     from dmn_neuro import kernels
 

@@ -337,6 +337,7 @@ def test_engine_without_compiler_falls_back(fresh_kernels, monkeypatch, caplog):
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("DMN_NEURO_KERNELS", "0")
     assert kernels.library() is None and not kernels.available()
+    assert "DMN_NEURO_KERNELS" in kernels.load_error()
 
 
 def test_bad_grad_mask_is_a_config_error():

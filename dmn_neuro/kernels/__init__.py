@@ -48,7 +48,7 @@ _COMMON_FLAGS = ["-std=c99", "-shared", "-fPIC"]
 #: (no blocking) and before K split into equal parts (the first one that
 #: reproduces ``torch.mm`` bit for bit wins)
 _BLOCK_CANDIDATES = (192, 128, 256, 384, 512, 96, 64, 320, 448, 768, 1024, 2048, 4096)
-_PROBE_ROWS = 48
+_PROBE_ROWS = 1024  # enough rows for a multithreaded GEMM to split them as it would at T*B rows
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -162,6 +162,9 @@ def library() -> Optional[ctypes.CDLL]:
 
 
 def load_error() -> Optional[str]:
+    """Why the kernels are not available (``None`` when they are)."""
+    if not enabled():
+        return "disabled by DMN_NEURO_KERNELS"
     library()
     return _load_error
 
@@ -201,40 +204,45 @@ def csr_by_pre(weight: torch.Tensor, values: bool = True) -> CSR:
     return CSR(ptr, idx.contiguous(), pre.contiguous(), val, int(n_post), int(n_pre))
 
 
-def spike_matmul(spikes: torch.Tensor, csr: CSR, block: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``spikes [M, n_pre] @ W^T -> [M, n_post]`` for binary float32 spikes, summed
-    as a GEMM with K-block ``block`` sums (see :func:`gemm_block_size`)."""
+def _require() -> ctypes.CDLL:
     lib = library()
     if lib is None:
         raise RuntimeError("dmn_neuro.kernels are not available")
-    _check(spikes, torch.float32, "spikes")
-    M, K = spikes.shape
-    if K != csr.n_pre:
-        raise ValueError(f"spikes have {K} columns, weight has {csr.n_pre} presynaptic neurons")
+    return lib
+
+
+def _rows(x: torch.Tensor, what: str, n_in: int, side: str, n_out: int, out: Optional[torch.Tensor]):
+    """Check ``x [M, n_in]`` and ``out [M, n_out]`` (allocated if ``None``)."""
+    _check(x, torch.float32, what)
+    M, n = x.shape
+    if n != n_in:
+        raise ValueError(f"{what} has {n} columns, weight has {n_in} {side} neurons")
     if out is None:
-        out = torch.empty(M, csr.n_post, dtype=torch.float32)
+        out = torch.empty(M, n_out, dtype=torch.float32)
     _check(out, torch.float32, "out")
+    if tuple(out.shape) != (M, n_out):
+        raise ValueError(f"out has shape {list(out.shape)}, expected {[M, n_out]}")
+    return M, out
+
+
+def spike_matmul(spikes: torch.Tensor, csr: CSR, block: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``spikes [M, n_pre] @ W^T -> [M, n_post]`` for binary float32 spikes, summed
+    as a GEMM with K-block ``block`` sums (see :func:`gemm_block_size`)."""
+    lib = _require()
+    M, out = _rows(spikes, "spikes", csr.n_pre, "presynaptic", csr.n_post, out)
     part = torch.empty(csr.n_post, dtype=torch.float32)
-    lib.spike_fwd(_ptr(spikes), M, K, _ptr(csr.ptr), _ptr(csr.idx), _ptr(csr.val), csr.n_post, int(block),
+    lib.spike_fwd(_ptr(spikes), M, csr.n_pre, _ptr(csr.ptr), _ptr(csr.idx), _ptr(csr.val), csr.n_post, int(block),
                   _ptr(out), _ptr(part))
     return out
 
 
 def spike_matmul_input_grad(grad: torch.Tensor, csr: CSR, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``grad [M, n_post] @ W -> [M, n_pre]`` through the nonzeros of ``W``."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("dmn_neuro.kernels are not available")
-    _check(grad, torch.float32, "grad")
-    M, N = grad.shape
-    if N != csr.n_post:
-        raise ValueError(f"grad has {N} columns, weight has {csr.n_post} postsynaptic neurons")
-    if out is None:
-        out = torch.empty(M, csr.n_pre, dtype=torch.float32)
-    _check(out, torch.float32, "out")
-    gt = torch.empty(N * 16, dtype=torch.float32)
+    lib = _require()
+    M, out = _rows(grad, "grad", csr.n_post, "postsynaptic", csr.n_pre, out)
+    gt = torch.empty(csr.n_post * 16, dtype=torch.float32)
     ot = torch.empty(csr.n_pre * 16, dtype=torch.float32)
-    lib.spike_dgrad(_ptr(grad), M, N, _ptr(csr.ptr), _ptr(csr.idx), _ptr(csr.val), csr.n_pre, _ptr(out),
+    lib.spike_dgrad(_ptr(grad), M, csr.n_post, _ptr(csr.ptr), _ptr(csr.idx), _ptr(csr.val), csr.n_pre, _ptr(out),
                     _ptr(gt), _ptr(ot))
     return out
 
@@ -245,9 +253,7 @@ def spike_weight_grad(grad: torch.Tensor, spikes: torch.Tensor, edges: CSR,
     float32; ``spikes [M, n_pre]`` either ``S`` as bool, or the float32 reset
     mask ``1 - S`` that the LIF backward already has. Returns (or adds into)
     ``acc [nnz]``."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("dmn_neuro.kernels are not available")
+    lib = _require()
     _check(grad, torch.float32, "grad")
     if spikes.dtype == torch.float32:
         fn, what = lib.spike_wgrad_keep, "keep mask"
@@ -275,9 +281,7 @@ def lif_backward_chunk(v: torch.Tensor, theta: torch.Tensor, g: Optional[torch.T
     pass: ``a = g * sigma'(v - theta)`` (0 without ``g``), ``keep = (v <= theta)``
     as float, ``sd = sigma'(v - theta)`` (if given), ``g_theta -= a`` summed over
     all rows. All float32 CPU and contiguous; ``a``, ``keep``, ``sd`` are written."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("dmn_neuro.kernels are not available")
+    lib = _require()
     n = theta.shape[0]
     for t, what in ((v, "v"), (theta, "theta"), (a, "a"), (keep, "keep"), (g_theta, "g_theta"), (g, "g"), (sd, "sd")):
         if t is not None:
