@@ -18,7 +18,8 @@ Timing: both variants in this process, alternating, median of ``--runs``.
 Peak memory: a fresh child process per (variant, T) measures the growth of its
 resident set during one forward+backward (Linux: VmHWM after resetting it via
 /proc/self/clear_refs, minus VmRSS before; elsewhere ru_maxrss), i.e. all
-memory torch allocates for the run (activations, temporaries, gradients).
+memory torch allocates for the run (activations, temporaries, gradients); the
+heap is trimmed (malloc_trim) after the warm-up so that reused memory counts.
 Equal loss and gradients (allclose) are asserted between the two variants.
 
 Whole-brain scale: forward simulation ms/step on a synthetic connectome of
@@ -209,6 +210,15 @@ def compare(loss_a, grads_a, loss_b, grads_b, rtol=1e-3):
     return {"max_rel_err": worst, "nonfinite_entries": nonfinite}
 
 
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
 def tune_malloc() -> bool:
     """Keep freed large blocks in the heap (glibc only); True if applied."""
     try:
@@ -237,8 +247,9 @@ def child(args) -> None:
     bundle = build_circuit(tempfile.mkdtemp(prefix="dmn_bench_"), args.circuit)
     x = make_input(bundle, args.T, args.batch, args.input)
     ck = args.checkpoint_every if args.checkpoint_every > 0 else None
-    fwd_bwd(args.child, bundle, x[:5], None, args.sparse)  # warm up kernels and allocator
+    fwd_bwd(args.child, bundle, x[:5], None, args.sparse)  # warm up kernels (block-size probes, library load)
     gc.collect()
+    _malloc_trim()  # hand freed heap back, so that reused memory is not hidden from the peak
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")  # reset VmHWM (peak RSS) to the current RSS
