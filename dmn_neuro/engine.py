@@ -84,8 +84,10 @@ from .neurons import SURROGATES, LIFCell, surrogate_derivative
 
 logger = logging.getLogger(__name__)
 
-if semantics.SYNAPTIC_DELAY_STEPS != 1 or semantics.RESET_MODE != "zero":  # pragma: no cover - guard
-    raise ImportError("dmn_neuro.engine implements a one-step synaptic delay and zero reset only")
+if (semantics.SYNAPTIC_DELAY_STEPS != 1 or semantics.RESET_MODE != "zero"
+        or semantics.SPIKE_CONDITION != "v > threshold"):  # pragma: no cover - guard
+    raise ImportError("dmn_neuro.engine (and dmn_neuro.kernels) implement a one-step synaptic delay, "
+                      "zero reset and the strict spike condition v > threshold only")
 
 __all__ = [
     "SparseStructure",
@@ -393,9 +395,7 @@ class _DelayedDense(torch.autograd.Function):
         out = spikes.new_empty(T, B, n_post)
         plan = _kernel_plan(s0, weight)
         if plan is not None:
-            kernels.spike_matmul(s0.contiguous(), plan.csr, plan.block, out=out[0])
-            if T > 1:
-                kernels.spike_matmul(spikes[:-1].reshape(-1, n_pre), plan.csr, plan.block, out=out[1:].view(-1, n_post))
+            _kernel_current(spikes, s0, plan, out)
         else:
             wt = weight.t()
             torch.mm(s0, wt, out=out[0])
@@ -420,9 +420,9 @@ class _DelayedDense(torch.autograd.Function):
         finite = plan is not None and _all_finite(g)
         g_sp = g_s0 = g_w = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            if finite:
+            if plan is not None:
                 def input_grad(gg, out=None):
-                    return kernels.spike_matmul_input_grad(gg, plan.csr, out=out)
+                    return _kernel_input_grad(gg, plan, weight, finite, out=out)
             else:
                 w_t_csr = _sparse_weight_t(weight)
                 if w_t_csr is not None and not _all_finite(g):
@@ -438,16 +438,9 @@ class _DelayedDense(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 g_s0 = input_grad(g[0])
         if ctx.needs_input_grad[2]:
-            if ctx.grad_mask is not None:
-                acc = _WeightGradAcc(n_post, n_pre, ctx.grad_mask, g)
-                acc.add(g[0], s0b)
-                if T > 1:
-                    acc.add(g[1:].view(-1, n_post), sb[:-1].view(-1, n_pre))
-                g_w = acc.result()
-            else:
-                g_w = g[0].t() @ s0b.to(g.dtype)
-                if T > 1:
-                    g_w = g_w + _weight_grad(g[1:].view(-1, n_post), sb[:-1].view(-1, n_pre))
+            acc = _WeightGradAcc(n_post, n_pre, ctx.grad_mask, g)
+            _delayed_rows(sb, s0b, 0, T, lambda rows, r0, r1: acc.add(g[r0:r1].view(-1, n_post), rows))
+            g_w = acc.result()
         return g_sp, g_s0, g_w, None
 
 
@@ -552,6 +545,20 @@ def _delayed_rows(pre_s: torch.Tensor, pre_s0: torch.Tensor, c0: int, c1: int, f
             fn(pre_s[0:c1 - 1].reshape(-1, n_pre), 1, c1)
     else:
         fn(pre_s[c0 - 1:c1 - 1].reshape(-1, n_pre), 0, c1 - c0)
+
+
+def _kernel_current(pre_s: torch.Tensor, pre_s0: torch.Tensor, kplan: _KernelPlan, out: torch.Tensor,
+                    c0: int = 0, c1: Optional[int] = None) -> torch.Tensor:
+    """The delayed current ``pre[t-1] @ W^T`` of steps ``[c0, c1)`` through the
+    kernel, written to ``out[0 : c1-c0]``; returns ``out``."""
+    c1 = pre_s.shape[0] if c1 is None else c1
+    n = out.shape[-1]
+
+    def fwd(rows, r0, r1):
+        kernels.spike_matmul(rows.contiguous(), kplan.csr, kplan.block, out=out[r0:r1].view(-1, n))
+
+    _delayed_rows(pre_s, pre_s0, c0, c1, fwd)
+    return out
 
 
 class _WeightGradAcc:
@@ -670,13 +677,7 @@ class _GroupScan(torch.autograd.Function):
         for c0 in range(0, T, chunk):
             c1 = min(T, c0 + chunk)
             for k, i in fed.items():  # fused incoming currents of this chunk (bit-identical to the GEMM)
-                kp, buf = plan.fused_in[i].kplan, inbuf[k]
-                n = plan.sizes[k]
-
-                def fwd(rows, r0, r1, kp=kp, buf=buf, n=n):
-                    kernels.spike_matmul(rows.contiguous(), kp.csr, kp.block, out=buf[r0:r1].view(-1, n))
-
-                _delayed_rows(fin[3 * i], fin[3 * i + 1], c0, c1, fwd)
+                _kernel_current(fin[3 * i], fin[3 * i + 1], plan.fused_in[i].kplan, inbuf[k], c0, c1)
             if plan.edges:
                 for t in range(c0, c1):
                     currents = []
@@ -714,12 +715,7 @@ class _GroupScan(torch.autograd.Function):
         del inbuf
         outs = []
         for fo in plan.fused_out:  # the whole train at once: one kernel call over all T*B rows
-            o = mem0[0].new_empty(T, B, fo.n_post)
-            kp, n = fo.kplan, plan.sizes[fo.pre]
-            kernels.spike_matmul(spk0[fo.pre].contiguous(), kp.csr, kp.block, out=o[0])
-            if T > 1:
-                kernels.spike_matmul(S[fo.pre][:-1].reshape(-1, n), kp.csr, kp.block, out=o[1:].view(-1, fo.n_post))
-            outs.append(o)
+            outs.append(_kernel_current(S[fo.pre], spk0[fo.pre], fo.kplan, mem0[0].new_empty(T, B, fo.n_post)))
         mems = [torch.addcmul(V[k], V[k], S[k], value=-1.0) for k in range(K)] if plan.trace else vr
         ctx.plan = plan
         fin_saved = []

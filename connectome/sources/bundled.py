@@ -37,6 +37,24 @@ def _check_options(name: str, options: Mapping, allowed) -> None:
         raise DataError(f"source {name}: unknown option {bad[0]!r}; known: {', '.join(sorted(allowed)) or 'none'}")
 
 
+def _read_edges(path: Path, pre_col: str, post_col: str) -> EdgeTable:
+    e = read_columns(path, [pre_col, post_col, "syn_count"])
+    return EdgeTable.aggregate(to_int(e[pre_col], path, pre_col), to_int(e[post_col], path, post_col),
+                               to_int(e["syn_count"], path, "syn_count"))
+
+
+def _with_model_layers(neurons, edges, layers, options, source: str, version: str, provenance_name: str,
+                       license_: str) -> OlfactoryCircuitData:
+    """Add the modelled ORN/DN layers and wrap a bundled subgraph with its provenance and license."""
+    provenance: Dict[Tuple[str, str], str] = {}
+    neurons, edges = add_model_layers(neurons, edges, layers, options, provenance)
+    return OlfactoryCircuitData(neurons, edges, layers, provenance, source=source, version=version,
+                                default_provenance=provenance_name,
+                                metadata={"model_options": check_model_options(options),
+                                          "model_layers": [l for l in ("ORN", "DN") if l in layers],
+                                          "license": license_})
+
+
 def load_flywire_v783_mb(layers: Sequence[str], data_dir=None, **options) -> OlfactoryCircuitData:
     _check_options("flywire_v783_mb", options, MODEL_OPTIONS)
     check_model_options(options)
@@ -60,17 +78,9 @@ def load_flywire_v783_mb(layers: Sequence[str], data_dir=None, **options) -> Olf
                           cell_type=np.array(cols["cell_type"], dtype=str), transmitter=transmitter,
                           glomerulus=glom, side=np.array(cols.get("side", [""] * n), dtype=str))
     neurons = neurons.take(np.flatnonzero(known))
-    e = read_columns(d / "edges.csv", ["pre_root_id", "post_root_id", "syn_count"])
-    edges = EdgeTable.aggregate(to_int(e["pre_root_id"], d / "edges.csv", "pre_root_id"),
-                                to_int(e["post_root_id"], d / "edges.csv", "post_root_id"),
-                                to_int(e["syn_count"], d / "edges.csv", "syn_count"))
-    provenance: Dict[Tuple[str, str], str] = {}
-    neurons, edges = add_model_layers(neurons, edges, layers, options, provenance)
-    return OlfactoryCircuitData(neurons, edges, layers, provenance, source="flywire_v783_mb",
-                                version="v783", default_provenance="flywire_v783",
-                                metadata={"model_options": check_model_options(options),
-                                          "model_layers": [l for l in ("ORN", "DN") if l in layers],
-                                          "license": "CC BY-NC 4.0 (FlyWire)"})
+    edges = _read_edges(d / "edges.csv", "pre_root_id", "post_root_id")
+    return _with_model_layers(neurons, edges, layers, options, "flywire_v783_mb", "v783", "flywire_v783",
+                              "CC BY-NC 4.0 (FlyWire)")
 
 
 def _hemibrain_layer(cell_type: str) -> str:
@@ -116,16 +126,8 @@ def load_hemibrain_v121_mb(layers: Sequence[str], data_dir=None, **options) -> O
     known = layer != ""
     neurons = NeuronTable(id=ids, layer=np.where(known, layer, "KC"), sign=sign, cell_type=ctypes,
                           transmitter=transmitter, glomerulus=glom, side=side).take(np.flatnonzero(known))
-    p = d / "edges_by_roi.csv"
-    e = read_columns(p, ["pre_body_id", "post_body_id", "syn_count"])
-    edges = EdgeTable.aggregate(to_int(e["pre_body_id"], p, "pre_body_id"), to_int(e["post_body_id"], p, "post_body_id"),
-                                to_int(e["syn_count"], p, "syn_count"))
+    edges = _read_edges(d / "edges_by_roi.csv", "pre_body_id", "post_body_id")
     if "DAN" in layers:
         raise DataError("source hemibrain_v1.2.1_mb has no DAN layer; valid here: ORN, PN, KC, APL, MBON, DN")
-    provenance: Dict[Tuple[str, str], str] = {}
-    neurons, edges = add_model_layers(neurons, edges, layers, options, provenance)
-    return OlfactoryCircuitData(neurons, edges, layers, provenance, source="hemibrain_v1.2.1_mb",
-                                version="v1.2.1", default_provenance="hemibrain_v1.2.1",
-                                metadata={"model_options": check_model_options(options),
-                                          "model_layers": [l for l in ("ORN", "DN") if l in layers],
-                                          "license": "CC BY 4.0 (Janelia)"})
+    return _with_model_layers(neurons, edges, layers, options, "hemibrain_v1.2.1_mb", "v1.2.1", "hemibrain_v1.2.1",
+                              "CC BY 4.0 (Janelia)")

@@ -169,6 +169,8 @@ void spike_wgrad_keep(const float *G, int64_t M, int64_t N, const float *KEEP, i
  * dL/ds or NULL. With x = v - theta and the surrogate derivative
  *   fast_sigmoid (kind 0): sigma'(x) = 1 / (slope |x| + 1)^2
  *   atan         (kind 1): sigma'(x) = (slope / 2) / (1 + (pi/2 slope x)^2)
+ * (the formulas of dmn_neuro.neurons.surrogate_derivative; the spike condition
+ * v > theta and zero reset of dmn_neuro.semantics, which dmn_neuro.engine checks)
  * writes A = G * sigma'(x) (0 without G), KEEP = (x <= 0) (1 - s, float) and,
  * if SD is not NULL, SD = sigma'(x); subtracts the column sums of A from
  * gtheta [n]. */
