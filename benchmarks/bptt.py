@@ -5,12 +5,12 @@ FlyWire v783 mushroom body with ORN 440, PN 124, KC 2597, APL 1, MBON 48, DN 16;
 ``--circuit connectome`` for the untrained from_connectome() defaults) at batch
 B and T steps, measures forward+backward wall time and peak memory of
 
-(a) the baseline: :func:`dmn_neuro.engine.run_reference`, one
-    :class:`~dmn_neuro.neurons.LIFCell` (snnTorch ``Leaky``) call per
+(a) the baseline: :func:`dmn_neuro.simulation.engine.run_reference`, one
+    :class:`~dmn_neuro.simulation.neurons.LIFCell` (snnTorch ``Leaky``) call per
     population per step, autograd through every step;
-(b) the engine: :func:`dmn_neuro.engine.run_layered` (each feed-forward
+(b) the engine: :func:`dmn_neuro.simulation.engine.run_layered` (each feed-forward
     projection over all T*B rows at once -- through the event-driven kernels
-    of dmn_neuro.kernels for the sparse FlyWire matrices, else one GEMM --,
+    of dmn_neuro.simulation.engine.kernels for the sparse FlyWire matrices, else one GEMM --,
     fused LIF scans with hand-written backward, stepped KC<->APL group;
     gradient checkpointing for long episodes).
 
@@ -61,7 +61,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from dmn_neuro.engine import SparseStructure, run_layered, run_reference  # noqa: E402
+from dmn_neuro.simulation.engine import SparseStructure, run_layered, run_reference  # noqa: E402
 
 OUTPUTS = ["MBON", "DN"]
 WB_GAIN = 0.15
@@ -81,21 +81,21 @@ def build_circuit(cache_dir: str, which: str = "shipped"):
     ``connectome``: ``from_connectome()`` with its defaults (1 ORN per glomerulus, 4 DNs), untrained.
     """
     try:
-        from dmn_neuro.circuit import DifferentiableOlfactoryCircuit
+        from dmn_neuro.simulation.mechanism import DifferentiableOlfactoryCircuit
     except ImportError:  # pragma: no cover - before the circuit module existed
         return _fallback_circuit(cache_dir)
     if which == "shipped":
-        from dmn_neuro.checkpoint import load_circuit
+        from dmn_neuro.training.checkpoint import load_circuit
 
         circ = load_circuit(SHIPPED)[0]
         src = f"{SHIPPED.relative_to(REPO)} (trained; FlyWire v783 MB)"
     else:
         circ = DifferentiableOlfactoryCircuit.from_connectome(cache_dir=cache_dir)
-        src = "dmn_neuro.circuit.DifferentiableOlfactoryCircuit.from_connectome() (FlyWire v783 MB, untrained)"
+        src = "dmn_neuro.simulation.mechanism.DifferentiableOlfactoryCircuit.from_connectome() (FlyWire v783 MB, untrained)"
     return circ, circ.population_params, circ.projection_weights, circ.surrogate, circ.surrogate_slope, src
 
 
-def _fallback_circuit(cache_dir: str):  # pragma: no cover - only without dmn_neuro.circuit
+def _fallback_circuit(cache_dir: str):  # pragma: no cover - only without dmn_neuro.simulation.mechanism
     import torch.nn.functional as F
     from torch import nn
 
@@ -139,8 +139,8 @@ def make_input(bundle, T: int, B: int, kind: str = "odor", seed: int = 0) -> tor
     """
     circ = bundle[0]
     if kind == "odor" and hasattr(circ, "orn_glomeruli"):
-        from dmn_neuro.odors import OdorEncoder, static_odor_input
-        from dmn_neuro.training import default_current_per_hz
+        from dmn_neuro.environment.odors import OdorEncoder, static_odor_input
+        from dmn_neuro.training.optimizer import default_current_per_hz
 
         enc = OdorEncoder(circ.orn_glomeruli, dt_ms=circ.semantics.dt_ms, encoding="poisson",
                           current_per_hz=default_current_per_hz(circ))
@@ -359,7 +359,7 @@ def main(argv=None) -> int:
     log(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"threads {args.threads}, batch {args.batch}; engine SparseStructure projections: {args.sparse or 'none'}; "
         f"malloc tuned (both variants): {malloc_tuned}")
-    from dmn_neuro import kernels
+    from dmn_neuro.simulation.engine import kernels
 
     result = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
               "threads": args.threads, "batch": args.batch, "sizes": sizes, "sparse": args.sparse,

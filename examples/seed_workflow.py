@@ -29,15 +29,15 @@ import torch
 
 from connectome.adjacency_matrix import AdjacencyMatrixGenerator
 from connectome.fetch_data import FlyWireConnectome
-from dmn_neuro.arena import ArenaConfig, OdorArena
-from dmn_neuro.circuit import CIRCUIT_PROJECTIONS, POPULATION_ORDER, DifferentiableOlfactoryCircuit
-from dmn_neuro.config import TrainingConfig
+from dmn_neuro.environment.arena import ArenaConfig, OdorArena
+from dmn_neuro.simulation.mechanism import CIRCUIT_PROJECTIONS, POPULATION_ORDER, DifferentiableOlfactoryCircuit
+from dmn_neuro.training.config import TrainingConfig
 from dmn_neuro.errors import DMNError
-from dmn_neuro.inference import run_open_loop
-from dmn_neuro.losses import CombinedLoss, TrajectoryAnalyzer
-from dmn_neuro.odors import OdorEncoder
-from dmn_neuro.training import EVAL_STREAM, DMNTrainer, default_current_per_hz
-from exporters.cli import default_odors, verification_input
+from dmn_neuro.analysis.recording import run_open_loop
+from dmn_neuro.training.loss_functions import CombinedLoss, TrajectoryAnalyzer
+from dmn_neuro.environment.odors import OdorEncoder
+from dmn_neuro.training.optimizer import EVAL_STREAM, DMNTrainer, default_current_per_hz
+from dmn_neuro.cli.export import default_odors, verification_input
 from exporters.nir_export import export_nir
 from exporters.verify import verify_nir
 

@@ -1,4 +1,4 @@
-"""Export a :class:`~dmn_neuro.spec.CircuitSpec` as a framework-neutral Lava process graph.
+"""Export a :class:`~dmn_neuro.simulation.spec.CircuitSpec` as a framework-neutral Lava process graph.
 
 The graph is two files in ``out_dir``:
 
@@ -10,12 +10,12 @@ The graph is two files in ``out_dir``:
   fixed point, the quantisation report.
 * ``lava_graph.npz`` -- the arrays (``allow_pickle=False``; numpy 1.26 reads it).
 
-Lava semantics used (see ``dmn_neuro.semantics``): LIF with ``du = 1`` (``u =
+Lava semantics used (see ``dmn_neuro.simulation.semantics``): LIF with ``du = 1`` (``u =
 a_in``, no synaptic filter), ``dv = 1 - beta``; per-neuron thresholds folded
 into each incoming row and the bias (``vth = 1``). Spikes travel through
 ``Dense`` with ``num_message_bits = 0``; the graded ORN input goes source ->
 ``Dense(num_message_bits=24)`` -> ORN, one extra hop, so every Lava population
-lags the model by :data:`dmn_neuro.semantics.LAVA_INPUT_DELAY_STEPS`.
+lags the model by :data:`dmn_neuro.simulation.semantics.LAVA_INPUT_DELAY_STEPS`.
 The worker (``exporters/lava_worker/worker.py``) builds and runs this graph.
 """
 from __future__ import annotations
@@ -29,10 +29,10 @@ from typing import Dict, Mapping, Tuple
 import numpy as np
 
 from dmn_neuro.errors import ExportError
-from dmn_neuro.semantics import LAVA_INPUT_DELAY_STEPS, lava_lif_parameters
-from dmn_neuro.spec import CircuitSpec, read_npz_arrays
+from dmn_neuro.simulation.semantics import LAVA_INPUT_DELAY_STEPS, lava_lif_parameters
+from dmn_neuro.simulation.spec import CircuitSpec, read_npz_arrays
 
-from .fixed_point import DECAY_SHIFT, DECAY_UNITY, MAX_UV, FixedPointSpec, quantize
+from dmn_neuro.simulation.fixed_point import DECAY_SHIFT, DECAY_UNITY, MAX_UV, FixedPointSpec, quantize
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def export_lava(spec: CircuitSpec, out_dir: os.PathLike, fixed_point: bool = Fal
                 **fp_options) -> dict:
     """Write the Lava process graph of ``spec`` into ``out_dir``.
 
-    ``fixed_point=True`` quantises with :func:`exporters.fixed_point.quantize`
+    ``fixed_point=True`` quantises with :func:`dmn_neuro.simulation.fixed_point.quantize`
     (``fp_options`` go there) and also writes the netx HDF5 file (unless
     ``write_netx_file=False``).
 
@@ -205,7 +205,7 @@ def export_lava(spec: CircuitSpec, out_dir: os.PathLike, fixed_point: bool = Fal
         result["quantisation"] = fps.report
         result["fixed_point_spec"] = fps
         if write_netx_file:
-            from .netx import write_netx
+            from exporters.netx import write_netx
 
             files.append(write_netx(fps, out / NETX_NAME))
     logger.info("wrote Lava graph (%s) to %s", manifest["mode"], out)

@@ -20,7 +20,7 @@ import numpy as np
 
 from dmn_neuro.errors import ExportError
 
-from .lava_export import read_lava_graph
+from exporters.lava_export import read_lava_graph
 
 logger = logging.getLogger(__name__)
 

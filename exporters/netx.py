@@ -34,7 +34,7 @@ import numpy as np
 
 from dmn_neuro.errors import ExportError
 
-from .fixed_point import FixedPointSpec
+from dmn_neuro.simulation.fixed_point import FixedPointSpec
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Export a :class:`~dmn_neuro.spec.CircuitSpec` to NIR, built node by node.
+"""Export a :class:`~dmn_neuro.simulation.spec.CircuitSpec` to NIR, built node by node.
 
 The graph is built directly from the circuit (not through snnTorch's
 ``export_to_nir``, which hard-codes ``dt = 1e-4`` and drops reset modes and
@@ -13,7 +13,7 @@ populations ``P`` and projections ``pre -> post``::
   output population: the verifier compares the spikes of all populations, and a
   backend that only wants the behavioural read-out uses
   ``metadata["output_node"]`` (``out_DN``).
-* **LIF parameters** come from :func:`dmn_neuro.semantics.nir_lif_parameters`
+* **LIF parameters** come from :func:`dmn_neuro.simulation.semantics.nir_lif_parameters`
   with the true ``dt`` (seconds). NIR's LIF is ``tau dv/dt = (v_leak - v) + r I``;
   with forward Euler ``v <- (1 - dt/tau) v + (dt/tau) v_leak + (dt/tau) r I``.
   ``r = tau/dt`` makes the input gain 1, so the step is ``v <- beta v + I``.
@@ -47,7 +47,7 @@ import numpy as np
 import nir
 
 from dmn_neuro.errors import ExportError
-from dmn_neuro.semantics import (
+from dmn_neuro.simulation.semantics import (
     DISCRETISATION,
     RESET_MODE,
     RESET_VALUE,
@@ -55,7 +55,7 @@ from dmn_neuro.semantics import (
     SYNAPTIC_DELAY_STEPS,
     nir_lif_parameters,
 )
-from dmn_neuro.spec import CircuitSpec
+from dmn_neuro.simulation.spec import CircuitSpec
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def _ulp_search(start: np.ndarray, ok) -> np.ndarray:
 def exact_lif_parameters(beta: float, threshold: np.ndarray, bias: np.ndarray, dt_s: float) -> Dict[str, np.ndarray]:
     """NIR LIF arrays for one population (per neuron, float64).
 
-    Starts from :func:`dmn_neuro.semantics.nir_lif_parameters`, encodes the bias
+    Starts from :func:`dmn_neuro.simulation.semantics.nir_lif_parameters`, encodes the bias
     in ``v_leak``, then polishes ``tau``, ``r`` and ``v_leak`` to the last ulp
     (see the module docstring).
     """

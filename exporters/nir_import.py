@@ -1,13 +1,13 @@
 """Read NIR graphs back: NIR -> :class:`CircuitSpec`, and an exact NIR executor.
 
-* :func:`nir_to_spec` rebuilds a :class:`~dmn_neuro.spec.CircuitSpec` from a
+* :func:`nir_to_spec` rebuilds a :class:`~dmn_neuro.simulation.spec.CircuitSpec` from a
   LIF / Linear / Delay graph (as written by :mod:`exporters.nir_export`), after
   checking that the semantics recorded in the file (dt, forward Euler, zero
   reset, strict threshold, one step per hop) are the ones dmn-neuro executes.
 * :func:`run_nir` executes such a graph step by step in float64 *from the NIR
   nodes alone* (Delay ring buffers, Linear, LIF forward Euler with the node's
   ``tau``/``r``/``v_leak``/``v_threshold``/``v_reset``), independently of
-  :func:`dmn_neuro.spec.simulate`, so that comparing the two tests the export.
+  :func:`dmn_neuro.simulation.spec.simulate`, so that comparing the two tests the export.
 
 Both refuse node types they cannot execute exactly through an explicit
 registry (:data:`NODE_KINDS`); an unmapped node raises
@@ -45,7 +45,7 @@ import numpy as np
 import nir
 
 from dmn_neuro.errors import ExportError
-from dmn_neuro.semantics import (
+from dmn_neuro.simulation.semantics import (
     DISCRETISATION,
     RESET_MODE,
     RESET_VALUE,
@@ -53,9 +53,9 @@ from dmn_neuro.semantics import (
     SYNAPTIC_DELAY_STEPS,
     NeuronSemantics,
 )
-from dmn_neuro.spec import CircuitSpec, PopulationSpec, ProjectionSpec
+from dmn_neuro.simulation.spec import CircuitSpec, PopulationSpec, ProjectionSpec
 
-from .nir_export import NIR_FORMAT, NIR_FORMAT_VERSION
+from exporters.nir_export import NIR_FORMAT, NIR_FORMAT_VERSION
 
 logger = logging.getLogger(__name__)
 

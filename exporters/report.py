@@ -9,7 +9,7 @@ from typing import Dict, List, Mapping, Sequence
 
 import numpy as np
 
-from .verify import VerificationResult
+from exporters.verify import VerificationResult
 
 logger = logging.getLogger(__name__)
 

@@ -354,16 +354,16 @@ def verify_nir(
 ) -> Tuple[VerificationResult, Dict[str, np.ndarray], Dict[str, np.ndarray]]:
     """The NIR round trip: ``spec`` -> NIR file -> :func:`nir.read` ->
     :func:`~exporters.nir_import.run_nir` on ``x`` -> compare with ``reference``
-    (default: :func:`dmn_neuro.spec.simulate` of ``spec``), lag 0.
+    (default: :func:`dmn_neuro.simulation.spec.simulate` of ``spec``), lag 0.
 
     ``nir_path``: an existing NIR file to verify (it is not rewritten); when
     ``None`` the spec is exported to a temporary file first. Returns
     ``(result, reference_spikes, candidate_spikes)``.
     """
-    from dmn_neuro.spec import simulate
+    from dmn_neuro.simulation.spec import simulate
 
-    from .nir_export import export_nir
-    from .nir_import import run_nir
+    from exporters.nir_export import export_nir
+    from exporters.nir_import import run_nir
 
     if reference is None:
         reference = simulate(spec, x)

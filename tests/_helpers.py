@@ -4,8 +4,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from dmn_neuro.config import TrainingConfig
-from dmn_neuro.training import DMNTrainer, build_components
+from dmn_neuro.training.config import TrainingConfig
+from dmn_neuro.training.optimizer import DMNTrainer, build_components
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_YAML = REPO / "examples" / "configs" / "tiny.yaml"

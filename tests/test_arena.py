@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from connectome.errors import ConfigError
-from dmn_neuro.arena import ArenaConfig, EnvState, OdorArena, plot_trajectories
-from dmn_neuro.odors import OdorEncoder
+from dmn_neuro.environment.arena import ArenaConfig, EnvState, OdorArena, plot_trajectories
+from dmn_neuro.environment.odors import OdorEncoder
 
 N_DN = 4
 

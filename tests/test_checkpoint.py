@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dmn_neuro import checkpoint as ckpt
-from dmn_neuro.checkpoint import load_circuit, read_checkpoint, save_checkpoint
-from dmn_neuro.config import TrainingConfig
+from dmn_neuro.training import checkpoint as ckpt
+from dmn_neuro.training.checkpoint import load_circuit, read_checkpoint, save_checkpoint
+from dmn_neuro.training.config import TrainingConfig
 from dmn_neuro.errors import CheckpointError
-from dmn_neuro.inference import run_open_loop
-from dmn_neuro.training import build_components
+from dmn_neuro.analysis.recording import run_open_loop
+from dmn_neuro.training.optimizer import build_components
 
 from _helpers import REPO, make_trainer, tiny_config
 

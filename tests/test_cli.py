@@ -16,9 +16,9 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from dmn_neuro.checkpoint import load_circuit
+from dmn_neuro.training.checkpoint import load_circuit
 from dmn_neuro.cli import cli
-from dmn_neuro.inference import run_open_loop
+from dmn_neuro.analysis.recording import run_open_loop
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_YAML = REPO / "examples" / "configs" / "tiny.yaml"
@@ -114,7 +114,7 @@ def test_train_two_episodes_writes_logs_and_figures(tmp_path):
 
 
 def test_train_nan_loss_is_one_line_error(tmp_path, monkeypatch):
-    from dmn_neuro.training import DMNTrainer
+    from dmn_neuro.training.optimizer import DMNTrainer
 
     orig = DMNTrainer.compute_loss
 

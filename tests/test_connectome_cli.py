@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from dmn_neuro.cli_connectome import connectome
+from dmn_neuro.cli.connectome import connectome
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -81,7 +81,7 @@ def test_corrupt_cache_via_cli(tmp_path):
 
 def test_real_subprocess(tmp_path):
     env = {**os.environ, "DMN_NEURO_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "dmn_neuro.cli_connectome"]
+    cmd = [sys.executable, "-m", "dmn_neuro.cli", "connectome"]
     ok = subprocess.run(cmd + ["info", "--json"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["projections"][0]["provenance"] == "model"

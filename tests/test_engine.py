@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dmn_neuro import engine
-from dmn_neuro.engine import (
+from dmn_neuro.simulation import engine
+from dmn_neuro.simulation.engine import (
     SparseStructure, lif_scan, lif_scan_with_state, lif_step, run_layered, run_layered_with_state, run_reference,
     strongly_connected_groups,
 )
 from dmn_neuro.errors import ConfigError, DMNError
-from dmn_neuro.neurons import LIFCell
-from dmn_neuro.spec import CircuitSpec, PopulationSpec, ProjectionSpec, simulate
+from dmn_neuro.simulation.neurons import LIFCell
+from dmn_neuro.simulation.spec import CircuitSpec, PopulationSpec, ProjectionSpec, simulate
 
 SIZES = {"ORN": 8, "PN": 6, "KC": 40, "APL": 1, "MBON": 5, "DN": 3}
 EDGES = [("ORN", "PN"), ("PN", "KC"), ("KC", "APL"), ("APL", "KC"), ("KC", "MBON"), ("MBON", "DN")]

@@ -11,7 +11,7 @@ from pathlib import Path
 import nir
 import pytest
 
-from dmn_neuro.config import TrainingConfig
+from dmn_neuro.training.config import TrainingConfig
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"

@@ -1,4 +1,4 @@
-"""Event-driven CPU kernels (dmn_neuro.kernels): bit-exact forward against the
+"""Event-driven CPU kernels (dmn_neuro.simulation.engine.kernels): bit-exact forward against the
 GEMM, gradients against dense algebra, the engine on them against the snnTorch
 reference (a mid-size random circuit and the shipped model), build cache and
 fallback without a compiler."""
@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dmn_neuro import engine, kernels
-from dmn_neuro.engine import run_layered, run_reference
+from dmn_neuro.simulation import engine
+from dmn_neuro.simulation.engine import kernels
+from dmn_neuro.simulation.engine import run_layered, run_reference
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "examples" / "pretrained" / "flywire_mb_navigator"
@@ -322,7 +323,7 @@ def test_engine_without_grad_mask_computes_full_weight_gradient(kernel_calls):
 
 def test_engine_without_compiler_falls_back(fresh_kernels, monkeypatch, caplog):
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    with caplog.at_level("WARNING", logger="dmn_neuro.kernels"):
+    with caplog.at_level("WARNING", logger="dmn_neuro.simulation.engine.kernels"):
         assert not kernels.available()
     assert "no C compiler" in kernels.load_error() and "using torch instead" in caplog.text
     circ = MidCircuit(seed=5)
@@ -353,9 +354,9 @@ def test_bad_grad_mask_is_a_config_error():
 def test_shipped_circuit_engine_matches_snntorch_reference(kernel_calls):
     """The issue's acceptance on the shipped model: same spikes in every
     population, every parameter's gradient equal to float tolerance."""
-    from dmn_neuro.checkpoint import load_circuit
-    from dmn_neuro.odors import OdorEncoder, static_odor_input
-    from dmn_neuro.training import default_current_per_hz
+    from dmn_neuro.training.checkpoint import load_circuit
+    from dmn_neuro.environment.odors import OdorEncoder, static_odor_input
+    from dmn_neuro.training.optimizer import default_current_per_hz
 
     circ = load_circuit(SHIPPED)[0]
     enc = OdorEncoder(circ.orn_glomeruli, dt_ms=circ.semantics.dt_ms, encoding="poisson",

@@ -1,4 +1,4 @@
-"""Lava export (float): graph files, the worker, exactness against dmn_neuro.spec.simulate, errors."""
+"""Lava export (float): graph files, the worker, exactness against dmn_neuro.simulation.spec.simulate, errors."""
 import json
 import os
 import subprocess
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from dmn_neuro.errors import DMNError, ExportError
-from dmn_neuro.semantics import LAVA_INPUT_DELAY_STEPS
-from dmn_neuro.spec import CircuitSpec, PopulationSpec, ProjectionSpec, simulate
+from dmn_neuro.simulation.semantics import LAVA_INPUT_DELAY_STEPS
+from dmn_neuro.simulation.spec import CircuitSpec, PopulationSpec, ProjectionSpec, simulate
 from exporters.lava_export import ARRAYS_NAME, MANIFEST_NAME, export_lava, read_lava_graph
 from exporters.lava_runner import LAVA_PYTHON_ENV, find_lava_python, run_lava
 
@@ -156,7 +156,7 @@ def test_export_rejects_bad_input(tmp_path):
 
 
 def test_main_env_never_imports_lava():
-    code = "import exporters.lava_export, exporters.lava_runner, exporters.fixed_point, exporters.netx, sys; " \
+    code = "import exporters.lava_export, exporters.lava_runner, dmn_neuro.simulation.fixed_point, exporters.netx, sys; " \
            "print(any(m == 'lava' or m.startswith('lava.') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": ""})

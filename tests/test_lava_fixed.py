@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from dmn_neuro.errors import ExportError
-from dmn_neuro.spec import simulate
-from exporters.fixed_point import (DECAY_UNITY, FixedPointStepper, quantize, simulate_fixed)
+from dmn_neuro.simulation.spec import simulate
+from dmn_neuro.simulation.fixed_point import (DECAY_UNITY, FixedPointStepper, quantize, simulate_fixed)
 from exporters.lava_export import export_lava, read_lava_graph
 from exporters.lava_runner import run_lava
 from exporters.netx import feedforward_chain, write_netx

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from connectome.errors import ConfigError
-from dmn_neuro.losses import CombinedLoss, TrajectoryAnalyzer, kc_population_sparsity
+from dmn_neuro.training.loss_functions import CombinedLoss, TrajectoryAnalyzer, kc_population_sparsity
 
 
 def _tiny():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from dmn_neuro.errors import ExportError
-from dmn_neuro.semantics import DISCRETISATION, RESET_MODE, SPIKE_CONDITION
-from dmn_neuro.spec import CircuitSpec, PopulationSpec, ProjectionSpec, simulate
+from dmn_neuro.simulation.semantics import DISCRETISATION, RESET_MODE, SPIKE_CONDITION
+from dmn_neuro.simulation.spec import CircuitSpec, PopulationSpec, ProjectionSpec, simulate
 from exporters.nir_export import export_nir, spec_to_nir
 from exporters.nir_import import UnsupportedNodeError, nir_to_spec, run_nir
 

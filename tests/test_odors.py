@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from connectome.errors import DataError
-from dmn_neuro.odors import (
+from dmn_neuro.environment.odors import (
     OdorEncoder,
     hallem_carlson_dir,
     load_hallem_carlson,

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import torch
 
-from dmn_neuro.checkpoint import load_circuit
-from dmn_neuro.config import TrainingConfig
-from dmn_neuro.training import EVAL_STREAM, build_components, episode_generator
+from dmn_neuro.training.checkpoint import load_circuit
+from dmn_neuro.training.config import TrainingConfig
+from dmn_neuro.training.optimizer import EVAL_STREAM, build_components, episode_generator
 
 PRETRAINED = Path(__file__).resolve().parent.parent / "examples" / "pretrained" / "flywire_mb_navigator"
 

@@ -1,4 +1,4 @@
-"""Snapping to the Loihi fixed-point grid and quantisation-aware fine-tuning (exporters.qat, cli_qat)."""
+"""Snapping to the Loihi fixed-point grid and quantisation-aware fine-tuning (dmn_neuro.training.qat, cli_qat)."""
 import copy
 import json
 import subprocess
@@ -10,14 +10,14 @@ import torch
 from click.testing import CliRunner
 
 from connectome.adjacency_matrix import ConstrainedWeight
-from dmn_neuro.checkpoint import load_circuit, save_checkpoint
-from dmn_neuro.circuit import CircuitStructure, DifferentiableOlfactoryCircuit
-from dmn_neuro.config import TrainingConfig
+from dmn_neuro.training.checkpoint import load_circuit, save_checkpoint
+from dmn_neuro.simulation.mechanism import CircuitStructure, DifferentiableOlfactoryCircuit
+from dmn_neuro.training.config import TrainingConfig
 from dmn_neuro.errors import ExportError
-from dmn_neuro.spec import simulate
-from exporters.cli_qat import quantize_cmd
-from exporters.fixed_point import DECAY_UNITY, quantize, simulate_fixed
-from exporters.qat import (ZERO_MAGNITUDE, FakeQuantization, _write_spec, compensated_spec, dequantize,
+from dmn_neuro.simulation.spec import simulate
+from dmn_neuro.cli.quantize import quantize_cmd
+from dmn_neuro.simulation.fixed_point import DECAY_UNITY, quantize, simulate_fixed
+from dmn_neuro.training.qat import (ZERO_MAGNITUDE, FakeQuantization, _write_spec, compensated_spec, dequantize,
                            fixed_point_differences, qat_finetune, snap_circuit_to_grid)
 
 from test_lava_export import SIZES, small_input, small_spec  # noqa: E402  (tests dir is on sys.path)
@@ -186,7 +186,7 @@ def _config():
 
 
 def test_qat_finetune_uses_the_trainer_and_ends_on_the_grid():
-    from dmn_neuro.training import DMNTrainer, build_components
+    from dmn_neuro.training.optimizer import DMNTrainer, build_components
 
     c = tiny_circuit(5)
     cfg = _config()
@@ -226,7 +226,7 @@ def test_cli_quantize_writes_a_snapped_checkpoint(tiny_checkpoint, tmp_path):
     res = CliRunner().invoke(quantize_cmd, [str(tiny_checkpoint), "-o", str(tmp_path / "t")])
     assert res.exit_code == 0 and "KC->MBON" in res.output
     proc = subprocess.run(
-        [sys.executable, "-c", "from dmn_neuro.cli import main; from exporters.cli_qat import quantize_cmd; "
+        [sys.executable, "-c", "from dmn_neuro.cli import main; from dmn_neuro.cli.quantize import quantize_cmd; "
          "import dmn_neuro.cli as m; m.cli.add_command(quantize_cmd); main()",
          "quantize", str(tmp_path / "missing"), "-o", str(tmp_path / "never")],
         capture_output=True, text=True, timeout=120)

@@ -18,9 +18,9 @@ import pytest
 import torch
 import yaml
 
-from dmn_neuro.config import TrainingConfig, resolve_device
+from dmn_neuro.training.config import TrainingConfig, resolve_device
 from dmn_neuro.errors import ConfigError, TrainingError
-from dmn_neuro.training import TRAIN_STREAM, DMNTrainer, build_components
+from dmn_neuro.training.optimizer import TRAIN_STREAM, DMNTrainer, build_components
 
 from _helpers import TINY_YAML, make_trainer, tiny_config
 
@@ -51,7 +51,7 @@ ORN_EVENT_THRESHOLDS = 0.9
 
 @pytest.mark.parametrize("engine", ["fused", "snntorch"])
 def test_gradients_reach_every_learnable_parameter(engine):
-    from dmn_neuro.training import default_current_per_hz
+    from dmn_neuro.training.optimizer import default_current_per_hz
 
     cfg = tiny_config(engine=engine, **GRADIENT_REGIME)
     torch.manual_seed(cfg.seed)
@@ -150,7 +150,7 @@ class _NaNGrad(torch.autograd.Function):
 
 @pytest.mark.parametrize("what", ["loss", "gradient"])
 def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, what):
-    from dmn_neuro.checkpoint import load_circuit
+    from dmn_neuro.training.checkpoint import load_circuit
 
     def poison(terms, tr):
         if what == "loss":

@@ -6,7 +6,7 @@ the system C compiler (``$CC``, else ``cc``/``gcc``) into the kernel cache
 ``~/.cache/dmn-neuro/kernels``), keyed by the source, the compiler flags and the
 CPU, and loaded with :mod:`ctypes`. Without a compiler, with
 ``DMN_NEURO_KERNELS=0``, or on anything but float32 CPU tensors, callers fall
-back to plain torch (same results; see :mod:`dmn_neuro.engine`).
+back to plain torch (same results; see :mod:`dmn_neuro.simulation.engine`).
 
 Why: in the fused engine a feed-forward projection is one GEMM over all
 ``T*B`` rows. The presynaptic side is binary and sparse (PN ~10 %, KC ~0.2 %
@@ -157,7 +157,7 @@ def library() -> Optional[ctypes.CDLL]:
             else:
                 _load_error = "; ".join(errors)
         if _load_error is not None:
-            logger.warning("dmn_neuro.kernels unavailable (%s); using torch instead", _load_error)
+            logger.warning("dmn_neuro.simulation.engine.kernels unavailable (%s); using torch instead", _load_error)
     return _lib
 
 
@@ -207,7 +207,7 @@ def csr_by_pre(weight: torch.Tensor, values: bool = True) -> CSR:
 def _require() -> ctypes.CDLL:
     lib = library()
     if lib is None:
-        raise RuntimeError("dmn_neuro.kernels are not available")
+        raise RuntimeError("dmn_neuro.simulation.engine.kernels are not available")
     return lib
 
 
@@ -322,6 +322,6 @@ def gemm_block_size(n_pre: int, n_post: int) -> Optional[int]:
             break
     _block_cache[key] = found
     if found is None:
-        logger.info("dmn_neuro.kernels: no summation order reproduces torch.mm for %d -> %d; using torch.mm",
+        logger.info("dmn_neuro.simulation.engine.kernels: no summation order reproduces torch.mm for %d -> %d; using torch.mm",
                     n_pre, n_post)
     return found

@@ -3,12 +3,12 @@
 A :class:`CircuitSpec` is what a trained :class:`DifferentiableOlfactoryCircuit`
 hands to the exporters: populations (decay, per-neuron threshold, bias, cell
 types, FlyWire root ids), projections (effective signed, masked weight
-matrices) and the :class:`~dmn_neuro.semantics.NeuronSemantics` they run under.
+matrices) and the :class:`~dmn_neuro.simulation.semantics.NeuronSemantics` they run under.
 It is saved as one ``.npz`` (numbers) with a JSON header inside (no pickle), so
 that the Python 3.10 Lava worker can read it with numpy 1.26.
 
 :func:`simulate` is the NumPy reference of the dynamics documented in
-:mod:`dmn_neuro.semantics`; the PyTorch paths, the NIR loader and the Lava
+:mod:`dmn_neuro.simulation.semantics`; the PyTorch paths, the NIR loader and the Lava
 worker are all tested against it.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Dict, List, Mapping, Sequence
 
 import numpy as np
 
-from .errors import DMNError
-from .semantics import NeuronSemantics
+from dmn_neuro.errors import DMNError
+from dmn_neuro.simulation.semantics import NeuronSemantics
 
 SPEC_FORMAT = "dmn-neuro-circuit-spec"
 SPEC_FORMAT_VERSION = 1
@@ -99,7 +99,7 @@ class ProjectionSpec:
 
 class PopulationLookup:
     """Name-based access to ``self.populations`` shared by circuit specs
-    (float here, fixed point in :mod:`exporters.fixed_point`)."""
+    (float here, fixed point in :mod:`dmn_neuro.simulation.fixed_point`)."""
 
     lookup_error = SpecError
 

@@ -1,6 +1,6 @@
-"""Fused, memory-lean BPTT engine with the semantics of :mod:`dmn_neuro.semantics`.
+"""Fused, memory-lean BPTT engine with the semantics of :mod:`dmn_neuro.simulation.semantics`.
 
-The per-step snnTorch path (:class:`dmn_neuro.neurons.LIFCell`, reproduced
+The per-step snnTorch path (:class:`dmn_neuro.simulation.neurons.LIFCell`, reproduced
 here by :func:`run_reference`) builds ~10 autograd nodes per population per
 step and stores several fp32 copies of every state. This module computes the
 same spikes (bit for bit) and the same gradients (to float rounding) with
@@ -25,7 +25,7 @@ same spikes (bit for bit) and the same gradients (to float rounding) with
   (:class:`_GroupScan`) whose backward is the coupled reverse recurrence.
 * on the CPU in float32, feed-forward projections with a sparse weight
   (FlyWire PN->KC 3 %, KC->MBON 6 % nonzero) run through the event-driven C
-  kernels of :mod:`dmn_neuro.kernels` (forward bit-identical to the GEMM) and
+  kernels of :mod:`dmn_neuro.simulation.engine.kernels` (forward bit-identical to the GEMM) and
   are computed inside the scan of the larger population's group: PN->KC
   chunk by chunk inside the KC scan, KC->MBON from the KC scan's spikes, so
   neither the ``[T, B, 2597]`` KC input current nor the gradient w.r.t. the KC
@@ -53,7 +53,7 @@ Contract (what the circuit hands in)::
                                       (zero outside)}, ...]
 
 On the CPU in float32, a dense projection whose weight is sparse runs through
-the event-driven kernels of :mod:`dmn_neuro.kernels` (forward bit-identical to
+the event-driven kernels of :mod:`dmn_neuro.simulation.engine.kernels` (forward bit-identical to
 the GEMM; set ``DMN_NEURO_KERNELS=0`` to use plain torch).
 
 When a projection has a ``"sparse"`` structure but no ``"values"``, the values
@@ -66,7 +66,7 @@ parameter (``sign * softplus(raw_nnz)``) instead.
 Summation order of the input current (it decides float rounding, hence exact
 spike equality): external input ``x`` first, then projections from other
 components in list order, then projections inside the component in list order.
-:func:`run_reference` and :func:`dmn_neuro.spec.simulate` sum in list order,
+:func:`run_reference` and :func:`dmn_neuro.simulation.spec.simulate` sum in list order,
 which is the same for the usual ORN, PN, KC, APL, MBON, DN ordering.
 """
 from __future__ import annotations
@@ -78,15 +78,16 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
-from . import kernels, semantics
-from .errors import ConfigError
-from .neurons import SURROGATES, LIFCell, surrogate_derivative
+from dmn_neuro.simulation.engine import kernels
+from dmn_neuro.simulation import semantics
+from dmn_neuro.errors import ConfigError
+from dmn_neuro.simulation.neurons import SURROGATES, LIFCell, surrogate_derivative
 
 logger = logging.getLogger(__name__)
 
 if (semantics.SYNAPTIC_DELAY_STEPS != 1 or semantics.RESET_MODE != "zero"
         or semantics.SPIKE_CONDITION != "v > threshold"):  # pragma: no cover - guard
-    raise ImportError("dmn_neuro.engine (and dmn_neuro.kernels) implement a one-step synaptic delay, "
+    raise ImportError("dmn_neuro.simulation.engine (and dmn_neuro.simulation.engine.kernels) implement a one-step synaptic delay, "
                       "zero reset and the strict spike condition v > threshold only")
 
 __all__ = [
@@ -341,7 +342,7 @@ def _input_grad(g: torch.Tensor, weight: torch.Tensor, w_t_csr: Optional[torch.T
 _MIN_GEMM_ROWS = 4
 
 #: a dense weight this sparse (fraction of nonzeros) or sparser runs through
-#: the event-driven kernels of :mod:`dmn_neuro.kernels` on the CPU
+#: the event-driven kernels of :mod:`dmn_neuro.simulation.engine.kernels` on the CPU
 _KERNEL_WEIGHT_DENSITY = 0.25
 #: compute kernel-eligible feed-forward projections inside the scan of the
 #: larger population's group (no whole [T, B, n] current or spike gradient)
@@ -381,7 +382,7 @@ class _DelayedDense(torch.autograd.Function):
     """``out[t] = S[t-1] @ W^T`` (``S[-1] = s0``) over all ``T*B`` rows at once.
 
     Forward: one dense GEMM, or for a sparse weight on the CPU the event-driven
-    kernel that reproduces the GEMM's rounding (:mod:`dmn_neuro.kernels`);
+    kernel that reproduces the GEMM's rounding (:mod:`dmn_neuro.simulation.engine.kernels`);
     either way bit-identical to the per-step reference. Saves the presynaptic
     spikes as ``bool`` (1 byte). Backward: input gradient through the nonzeros
     of ``W``; weight gradient event-driven, and only on ``grad_mask`` (the
@@ -976,7 +977,7 @@ def lif_scan(current: torch.Tensor, beta, threshold, surrogate: str = "fast_sigm
     from rest, as one autograd node (hand-written backward; see module doc).
 
     ``beta``: 0-d decay; ``threshold``: ``[N]`` (or 0-d). Same spikes as
-    stepping :class:`~dmn_neuro.neurons.LIFCell`; gradients w.r.t. current,
+    stepping :class:`~dmn_neuro.simulation.neurons.LIFCell`; gradients w.r.t. current,
     beta and threshold equal to float rounding.
     """
     return lif_scan_with_state(current, beta, threshold, None, surrogate, slope)[0]
@@ -1016,7 +1017,7 @@ class _LIFStep(torch.autograd.Function):
 def lif_step(current: torch.Tensor, mem: torch.Tensor, beta, threshold, surrogate: str = "fast_sigmoid",
              slope: float = 25.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """One LIF step ``(spikes, membrane after reset)`` with the semantics of
-    :meth:`dmn_neuro.neurons.LIFCell.forward` (one autograd node, no snnTorch).
+    :meth:`dmn_neuro.simulation.neurons.LIFCell.forward` (one autograd node, no snnTorch).
 
     ``current``/``mem``: ``[B, N]``; ``beta`` 0-d; ``threshold`` ``[N]``.
     """
@@ -1396,7 +1397,7 @@ def run_reference(
     record_membrane: bool = False,
     outputs: Optional[Sequence[str]] = None,
 ) -> Dict[str, torch.Tensor]:
-    """Per-step loop on :class:`~dmn_neuro.neurons.LIFCell` (snnTorch ``Leaky``)
+    """Per-step loop on :class:`~dmn_neuro.simulation.neurons.LIFCell` (snnTorch ``Leaky``)
     with the same contract and outputs as :func:`run_layered`.
 
     Current of population p at step t: ``x[t]`` (input population) plus

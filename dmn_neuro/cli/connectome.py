@@ -12,7 +12,6 @@ under the top-level ``dmn-neuro`` group).
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
@@ -122,11 +121,3 @@ def export_table(source, layers, no_cache, cache_dir, options, out_dir):
     n_path, e_path = data.to_tables(out_dir)
     click.echo(f"wrote {n_path} ({sum(data.layer_sizes.values()):,d} neurons) and {e_path} "
                f"({len(data.edge_table):,d} edges)")
-
-
-def main(argv=None):
-    return connectome.main(args=argv, prog_name="dmn-neuro connectome")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

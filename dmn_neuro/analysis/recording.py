@@ -8,8 +8,8 @@ from typing import Dict, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import load_circuit
-from .errors import DMNError
+from dmn_neuro.training.checkpoint import load_circuit
+from dmn_neuro.errors import DMNError
 
 
 def load_input_array(path: os.PathLike, n_orn: int) -> np.ndarray:
@@ -64,7 +64,7 @@ def save_spikes(path: os.PathLike, spikes: Dict[str, np.ndarray]) -> Path:
 def odor_input(circuit, odors: Sequence[str], steps: int, concentration: float = 1.0, encoding: str = "rate",
                current_per_hz=None, seed: int = 0) -> np.ndarray:
     """ORN input ``[T, len(odors), n_orn]`` for static odors (real Hallem & Carlson responses)."""
-    from .odors import OdorEncoder, static_odor_input
+    from dmn_neuro.environment.odors import OdorEncoder, static_odor_input
 
     kw = {"dt_ms": circuit.semantics.dt_ms, "encoding": encoding, "seed": seed}
     if current_per_hz is not None:

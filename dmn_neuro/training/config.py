@@ -13,8 +13,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import yaml
 
-from . import semantics
-from .errors import ConfigError
+from dmn_neuro.simulation import semantics
+from dmn_neuro.errors import ConfigError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 #: Arena settings the shipped model was trained with (overrides of ArenaConfig's
@@ -127,7 +127,7 @@ class TrainingConfig:
         for name in ("source_options", "projection_gains", "arena"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"config: {name} must be a mapping, got {getattr(self, name)!r}")
-        from .arena import ArenaConfig
+        from dmn_neuro.environment.arena import ArenaConfig
 
         unknown = sorted(set(self.arena) - {f.name for f in dataclasses.fields(ArenaConfig)})
         if unknown:

@@ -9,13 +9,13 @@ from typing import Optional
 
 import click
 
-from .errors import ConfigError
+from dmn_neuro.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 
 def _load_config(config_path: Optional[str], **overrides):
-    from .config import TrainingConfig
+    from dmn_neuro.training.config import TrainingConfig
 
     cfg = TrainingConfig.from_yaml(config_path) if config_path else TrainingConfig()
     return cfg.replace(**overrides)
@@ -43,8 +43,8 @@ def train(config_path, source, episodes, steps, batch_size, seed, device, engine
     import torch
     import yaml
 
-    from . import plots
-    from .training import DMNTrainer, build_components, evaluate_agent
+    from dmn_neuro.analysis import plots
+    from dmn_neuro.training.optimizer import DMNTrainer, build_components, evaluate_agent
 
     cfg = _load_config(config_path, source=source, num_episodes=episodes, episode_length_steps=steps,
                        batch_size=batch_size, seed=seed, device=device, engine=engine)
@@ -53,7 +53,7 @@ def train(config_path, source, episodes, steps, batch_size, seed, device, engine
     circuit, encoder, arena, agent, loss_fn = build_components(cfg)
     trainer = DMNTrainer(circuit, loss_fn, cfg, environment=arena, encoder=encoder)
     last = out / "checkpoints" / "last"
-    from .checkpoint import recover_checkpoint
+    from dmn_neuro.training.checkpoint import recover_checkpoint
 
     recover_checkpoint(last)
     if resume and last.exists():
@@ -108,10 +108,10 @@ def train(config_path, source, episodes, steps, batch_size, seed, device, engine
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def evaluate(checkpoint, episodes, seed, steps, odor_removed, device, out_dir, as_json):
     """Success rate and trajectory metrics of a checkpoint on held-out episodes."""
-    from . import plots
-    from .checkpoint import load_circuit
-    from .config import TrainingConfig, resolve_device
-    from .training import build_components, evaluate_agent
+    from dmn_neuro.analysis import plots
+    from dmn_neuro.training.checkpoint import load_circuit
+    from dmn_neuro.training.config import TrainingConfig, resolve_device
+    from dmn_neuro.training.optimizer import build_components, evaluate_agent
 
     if episodes <= 0:
         raise ConfigError(f"--episodes must be positive, got {episodes}")
@@ -145,8 +145,8 @@ def run(checkpoint, input_path, out_path, dtype):
     """Run the trained circuit open loop on an ORN input array; write every population's spikes."""
     import torch
 
-    from .checkpoint import load_circuit
-    from .inference import load_input_array, run_open_loop, save_spikes
+    from dmn_neuro.training.checkpoint import load_circuit
+    from dmn_neuro.analysis.recording import load_input_array, run_open_loop, save_spikes
 
     circuit, _ = load_circuit(checkpoint)
     x = load_input_array(input_path, circuit.n_orn)

@@ -4,13 +4,13 @@ One hemisphere of the fly's olfactory pathway, built from connectome data:
 masked, sign-constrained (Dale's law) projections whose magnitudes are
 learned, LIF populations (snnTorch ``Leaky``) with one learnable decay per
 population and one learnable threshold per neuron. The dynamics are those of
-:mod:`dmn_neuro.semantics` (1-step delay per synaptic hop, zero reset).
+:mod:`dmn_neuro.simulation.semantics` (1-step delay per synaptic hop, zero reset).
 
 Two execution paths with identical semantics:
 
-* ``engine="snntorch"`` -- the reference: one :class:`~dmn_neuro.neurons.LIFCell`
+* ``engine="snntorch"`` -- the reference: one :class:`~dmn_neuro.simulation.neurons.LIFCell`
   call per population per step;
-* ``engine="fused"`` -- :mod:`dmn_neuro.engine` (layer-wise GEMMs, fused LIF
+* ``engine="fused"`` -- :mod:`dmn_neuro.simulation.engine` (layer-wise GEMMs, fused LIF
   scans with hand-written backward); the default where it is available.
 """
 from __future__ import annotations
@@ -25,10 +25,10 @@ from torch import nn
 
 from connectome.adjacency_matrix import ConstrainedWeight
 
-from . import semantics
-from .errors import ConfigError, DMNError
-from .neurons import LIFCell
-from .spec import CircuitSpec, PopulationSpec, ProjectionSpec
+from dmn_neuro.simulation import semantics
+from dmn_neuro.errors import ConfigError, DMNError
+from dmn_neuro.simulation.neurons import LIFCell
+from dmn_neuro.simulation.spec import CircuitSpec, PopulationSpec, ProjectionSpec
 
 logger = logging.getLogger(__name__)
 
@@ -332,7 +332,7 @@ class DifferentiableOlfactoryCircuit(nn.Module):
         """One step of all populations. ``x_t``: ORN input current ``[B, n_orn]``.
 
         Each projection reads the presynaptic spikes of the previous step
-        (``state.spikes``), as :mod:`dmn_neuro.semantics` prescribes.
+        (``state.spikes``), as :mod:`dmn_neuro.simulation.semantics` prescribes.
         """
         p = params if params is not None else self.step_parameters()
         currents = {n: None for n in self.population_names}
@@ -346,7 +346,7 @@ class DifferentiableOlfactoryCircuit(nn.Module):
             if n in self.biases:
                 cur = cur + self.biases[n]
             if self.engine == "fused":
-                from .engine import lif_step
+                from dmn_neuro.simulation.engine import lif_step
 
                 s, v = lif_step(cur, state.mem[n], p["beta"][n], p["threshold"][n], self.surrogate, self.surrogate_slope)
             else:
@@ -365,7 +365,7 @@ class DifferentiableOlfactoryCircuit(nn.Module):
             raise ConfigError(f"odor_input must be [T, batch, {self.n_orn}], got {list(odor_input.shape)}")
         engine = engine or self.engine
         if engine == "fused":
-            from .engine import run_layered
+            from dmn_neuro.simulation.engine import run_layered
 
             out = run_layered(
                 odor_input, self.population_params(), self.projection_weights(),

@@ -1,8 +1,8 @@
 """Leaky integrate-and-fire populations on snnTorch ``Leaky``.
 
 :class:`LIFCell` is the reference implementation of the dynamics defined in
-:mod:`dmn_neuro.semantics` (one step at a time, state passed explicitly). The
-fused engine (:mod:`dmn_neuro.engine`) must reproduce its spikes exactly and
+:mod:`dmn_neuro.simulation.semantics` (one step at a time, state passed explicitly). The
+fused engine (:mod:`dmn_neuro.simulation.engine`) must reproduce its spikes exactly and
 its gradients within float tolerance.
 
 Parameterisation (what training changes):
@@ -10,7 +10,7 @@ Parameterisation (what training changes):
 * decay ``beta = sigmoid(raw_beta)`` -- one per population, so that it maps
   onto one Lava LIF process; ``tau_ms = dt / (1 - beta)``;
 * threshold ``theta = softplus(raw_threshold)`` -- one per neuron, > 0, in the
-  normalised voltage unit (see :func:`dmn_neuro.semantics.normalise_threshold`:
+  normalised voltage unit (see :func:`dmn_neuro.simulation.semantics.normalise_threshold`:
   physiological ``threshold_mv``/``rest_mv`` enter only there).
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from snntorch import surrogate as snn_surrogate
 from torch import nn
 
-from . import semantics
-from .errors import ConfigError
+from dmn_neuro.simulation import semantics
+from dmn_neuro.errors import ConfigError
 
 SURROGATES = ("fast_sigmoid", "atan")
 
@@ -65,7 +65,7 @@ class LIFCell(nn.Module):
         tau_ms: membrane time constant (ms); mapped to ``beta = 1 - dt/tau``.
         threshold_mv: firing threshold in mV (scalar or per neuron); with
             ``rest_mv`` it maps to the normalised threshold via
-            :func:`dmn_neuro.semantics.normalise_threshold`.
+            :func:`dmn_neuro.simulation.semantics.normalise_threshold`.
         rest_mv: resting (and reset) potential in mV.
         learnable_tau / learnable_threshold: whether training may change them.
         dt_ms: simulation step (ms).

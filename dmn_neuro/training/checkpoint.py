@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError, DMNError
+from dmn_neuro.errors import CheckpointError, DMNError
 
 FORMAT = "dmn-neuro-checkpoint"
 FORMAT_VERSION = 1
@@ -163,7 +163,7 @@ def read_checkpoint(path) -> Dict[str, Any]:
 
 def load_circuit(path, device=None, engine: Optional[str] = None):
     """Rebuild the trained circuit from a checkpoint: ``(circuit, meta)``."""
-    from .circuit import CircuitStructure, DifferentiableOlfactoryCircuit
+    from dmn_neuro.simulation.mechanism import CircuitStructure, DifferentiableOlfactoryCircuit
 
     ck = read_checkpoint(path)
     meta = ck["meta"]

@@ -26,7 +26,7 @@ Encoding (model assumptions, all documented here)
 
   so ``c = 0`` gives the spontaneous rate exactly.
 * Currents: the ORN LIF integrates ``v <- beta v + I`` (see
-  :mod:`dmn_neuro.semantics`).  ``current_per_hz`` is the charge one input spike
+  :mod:`dmn_neuro.simulation.semantics`).  ``current_per_hz`` is the charge one input spike
   delivers, in normalised membrane units (threshold units of the ORN
   population); ``'rate'`` encoding injects its expectation every step,
   ``I = rate_hz * dt_s * current_per_hz`` (deterministic and differentiable),
@@ -50,7 +50,7 @@ from torch import nn
 
 from connectome.errors import DataError
 
-from .semantics import DEFAULT_DT_MS
+from dmn_neuro.simulation.semantics import DEFAULT_DT_MS
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class OdorEncoder(nn.Module):
 
     Args:
         glomeruli: glomerulus of each ORN neuron, in ORN-layer order.
-        dt_ms: simulation step (default :data:`~dmn_neuro.semantics.DEFAULT_DT_MS`).
+        dt_ms: simulation step (default :data:`~dmn_neuro.simulation.semantics.DEFAULT_DT_MS`).
         encoding: ``'rate'`` (deterministic expected current) or ``'poisson'``.
         current_per_hz: charge per input spike in normalised ORN membrane units
             (see the module docstring).

@@ -1,7 +1,7 @@
 """``dmn-neuro quantize``: put a checkpoint on the Loihi 2 fixed-point grid (optionally after QAT).
 
 The new checkpoint's float model is what the fixed-point export computes, up
-to Loihi's membrane truncation (partly compensated, see :mod:`exporters.qat`),
+to Loihi's membrane truncation (partly compensated, see :mod:`dmn_neuro.training.qat`),
 so ``dmn-neuro verify NEW --target lava-fixed`` compares like with like, and
 ``--target nir``/``lava`` stay exact.
 """
@@ -15,7 +15,7 @@ import click
 
 from dmn_neuro.errors import ConfigError
 
-from . import qat
+from dmn_neuro.training import qat
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +35,13 @@ def quantize_checkpoint(checkpoint, out, finetune_episodes: int = 0, weight_bits
     Returns the report printed by the command: ``quantisation_before`` (the
     rounding error of the loaded model, per population/projection),
     ``quantisation_after`` (of the saved one), ``snap`` (parameter changes,
-    see :func:`exporters.qat.snap_circuit_to_grid`) and ``finetune`` (episode
+    see :func:`dmn_neuro.training.qat.snap_circuit_to_grid`) and ``finetune`` (episode
     losses). The optimiser state is not carried over (the parameters moved).
     """
-    from dmn_neuro.checkpoint import load_circuit, save_checkpoint
-    from dmn_neuro.config import TrainingConfig
+    from dmn_neuro.training.checkpoint import load_circuit, save_checkpoint
+    from dmn_neuro.training.config import TrainingConfig
 
-    from .fixed_point import quantize
+    from dmn_neuro.simulation.fixed_point import quantize
 
     if finetune_episodes < 0:
         raise ConfigError(f"--finetune-episodes must be >= 0, got {finetune_episodes}")
@@ -53,7 +53,7 @@ def quantize_checkpoint(checkpoint, out, finetune_episodes: int = 0, weight_bits
     records = []
     episode = int(meta.get("episode", 0))
     if finetune_episodes > 0:
-        from dmn_neuro.training import DMNTrainer, build_components
+        from dmn_neuro.training.optimizer import DMNTrainer, build_components
 
         circuit, _, _, _, loss_fn = build_components(cfg, circuit=circuit)
         trainer = DMNTrainer(circuit, loss_fn, cfg)

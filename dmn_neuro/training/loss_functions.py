@@ -40,7 +40,7 @@ from torch import nn
 
 from connectome.errors import ConfigError
 
-from .semantics import DEFAULT_DT_MS
+from dmn_neuro.simulation.semantics import DEFAULT_DT_MS
 
 #: Default window over which KC population sparsity is measured.
 DEFAULT_SPARSITY_WINDOW_MS: float = 50.0

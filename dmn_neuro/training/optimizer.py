@@ -18,10 +18,10 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from .agent import NavigationAgent, Rollout
-from .config import TrainingConfig, resolve_device
-from .errors import TrainingError
+from dmn_neuro.training import checkpoint as ckpt
+from dmn_neuro.environment.agent import NavigationAgent, Rollout
+from dmn_neuro.training.config import TrainingConfig, resolve_device
+from dmn_neuro.errors import TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +47,10 @@ def default_current_per_hz(circuit) -> float:
 
 def build_components(config: TrainingConfig, circuit=None, device=None):
     """Circuit, encoder, arena, agent and loss from a config (the CLI and tests use this)."""
-    from .arena import ArenaConfig, OdorArena
-    from .circuit import DifferentiableOlfactoryCircuit
-    from .losses import CombinedLoss
-    from .odors import OdorEncoder
+    from dmn_neuro.environment.arena import ArenaConfig, OdorArena
+    from dmn_neuro.simulation.mechanism import DifferentiableOlfactoryCircuit
+    from dmn_neuro.training.loss_functions import CombinedLoss
+    from dmn_neuro.environment.odors import OdorEncoder
 
     device = device or resolve_device(config.device)
     if circuit is None:
@@ -84,10 +84,10 @@ class DMNTrainer:
 
     Args:
         circuit: the :class:`DifferentiableOlfactoryCircuit` to train.
-        loss_fn: a :class:`~dmn_neuro.losses.CombinedLoss`.
+        loss_fn: a :class:`~dmn_neuro.training.loss_functions.CombinedLoss`.
         config: :class:`TrainingConfig`.
-        environment: the :class:`~dmn_neuro.arena.OdorArena` (built from the config if omitted).
-        encoder: the :class:`~dmn_neuro.odors.OdorEncoder` (built from the config if omitted).
+        environment: the :class:`~dmn_neuro.environment.arena.OdorArena` (built from the config if omitted).
+        encoder: the :class:`~dmn_neuro.environment.odors.OdorEncoder` (built from the config if omitted).
     """
 
     def __init__(self, circuit, loss_fn, config: TrainingConfig, environment=None, encoder=None) -> None:
@@ -261,7 +261,7 @@ class DMNTrainer:
 def evaluate_agent(agent: NavigationAgent, config: TrainingConfig, n_episodes: int = 50, seed: int = 12345,
                    odor_removed: bool = False, episode_length: Optional[int] = None, batch_size: int = 25,
                    device=None, return_rollouts: bool = False, stream: int = EVAL_STREAM) -> Dict[str, Any]:
-    from .losses import TrajectoryAnalyzer
+    from dmn_neuro.training.loss_functions import TrajectoryAnalyzer
 
     T = int(episode_length or config.episode_length_steps)
     analyzer = TrajectoryAnalyzer()
@@ -298,6 +298,6 @@ def evaluate_agent(agent: NavigationAgent, config: TrainingConfig, n_episodes: i
 
 
 def agent_loss_sparsity(ro: Rollout) -> float:
-    from .losses import kc_population_sparsity
+    from dmn_neuro.training.loss_functions import kc_population_sparsity
 
     return float(kc_population_sparsity(ro.activations["KC"]))

@@ -20,7 +20,7 @@ Model (all lengths in mm, times in s unless named ``_ms``; positions are 3-D wit
   ``'exponential'``: ``c = peak * exp(-sqrt(r^2 + eps^2) / d0)`` (constant
   log-gradient ``1/d0``: the same bilateral contrast far and near, and a sharp
   peak that marks the source; ``eps = 0.1 mm`` keeps it differentiable there).  ``c = 1`` corresponds to
-  the Hallem 10^-2 dilution (see :mod:`dmn_neuro.odors`).  *Wind* (mm/s)
+  the Hallem 10^-2 dilution (see :mod:`dmn_neuro.environment.odors`).  *Wind* (mm/s)
   stretches the plume downwind: the downwind coordinate ``u`` of ``r`` is scaled
   by ``L / (L + |wind| * plume_age_s)`` for ``u > 0`` (``L`` = sigma or d0), a
   cheap stand-in for an advected, diffusing plume whose peak stays at the source.
@@ -56,7 +56,7 @@ import torch
 
 from connectome.errors import ConfigError
 
-from .semantics import DEFAULT_DT_MS
+from dmn_neuro.simulation.semantics import DEFAULT_DT_MS
 
 PLUMES = ("gaussian", "inverse_square", "exponential")
 EXP_PLUME_EPS_MM = 0.1
@@ -180,8 +180,8 @@ class OdorArena:
 
     Args:
         config: :class:`ArenaConfig` (default: defaults).
-        dt_ms: step (default :data:`~dmn_neuro.semantics.DEFAULT_DT_MS`).
-        encoder: an :class:`~dmn_neuro.odors.OdorEncoder` used to turn the
+        dt_ms: step (default :data:`~dmn_neuro.simulation.semantics.DEFAULT_DT_MS`).
+        encoder: an :class:`~dmn_neuro.environment.odors.OdorEncoder` used to turn the
             ``config.odors`` names into indices; without one, indices refer to
             the full Hallem list (which is what ``OdorEncoder(odors=None)`` uses).
     """
@@ -198,7 +198,7 @@ class OdorArena:
         if encoder is not None:
             self.odor_indices = [encoder.odor_index(n) for n in self.config.odors]
         else:
-            from .odors import OdorEncoder, load_hallem_carlson
+            from dmn_neuro.environment.odors import OdorEncoder, load_hallem_carlson
 
             names = load_hallem_carlson().odors
             self.odor_indices = [OdorEncoder._lookup(n, names) for n in self.config.odors]

@@ -1,4 +1,4 @@
-"""Loihi 2 fixed-point quantisation of a :class:`~dmn_neuro.spec.CircuitSpec`.
+"""Loihi 2 fixed-point quantisation of a :class:`~dmn_neuro.simulation.spec.CircuitSpec`.
 
 The fixed-point model is the one Lava runs with ``select_tag="fixed_pt"``
 (``PyLifModelBitAcc`` + ``PyDenseModelBitAcc``), per step and population::
@@ -36,7 +36,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import numpy as np
 
 from dmn_neuro.errors import ExportError
-from dmn_neuro.spec import CircuitSpec, PopulationLookup
+from dmn_neuro.simulation.spec import CircuitSpec, PopulationLookup
 
 logger = logging.getLogger(__name__)
 

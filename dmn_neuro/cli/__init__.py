@@ -11,7 +11,7 @@ from typing import Optional
 
 import click
 
-from .errors import DMNError
+from dmn_neuro.errors import DMNError
 
 logger = logging.getLogger("dmn_neuro")
 
@@ -49,15 +49,15 @@ def cli(verbose: int, threads: Optional[int]) -> None:
 
 
 def _register() -> None:
-    from .cli_connectome import connectome
-    from .cli_train import evaluate, run, train
+    from dmn_neuro.cli.connectome import connectome
+    from dmn_neuro.cli.train import evaluate, run, train
 
     cli.add_command(connectome)
     cli.add_command(train)
     cli.add_command(evaluate)
     cli.add_command(run)
-    from exporters.cli import export, verify
-    from exporters.cli_qat import quantize_cmd
+    from dmn_neuro.cli.export import export, verify
+    from dmn_neuro.cli.quantize import quantize_cmd
 
     cli.add_command(export)
     cli.add_command(verify)

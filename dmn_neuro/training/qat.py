@@ -1,13 +1,13 @@
 """Put a trained circuit on the Loihi 2 fixed-point grid, and fine-tune it there.
 
-:func:`exporters.fixed_point.quantize` rounds a float circuit onto Loihi's
+:func:`dmn_neuro.simulation.fixed_point.quantize` rounds a float circuit onto Loihi's
 integer grid (8-bit weights, 12-bit decays, 13-bit bias mantissas). The
 rounding changes the model: a tonic DN whose bias moves by half a mantissa step
 drifts in phase, and every later spike mismatches. This module removes that
 source of mismatch by moving the *float* model onto the grid instead:
 
-* :func:`dequantize` -- the float :class:`~dmn_neuro.spec.CircuitSpec` that a
-  :class:`~exporters.fixed_point.FixedPointSpec` represents exactly
+* :func:`dequantize` -- the float :class:`~dmn_neuro.simulation.spec.CircuitSpec` that a
+  :class:`~dmn_neuro.simulation.fixed_point.FixedPointSpec` represents exactly
   (``w = w_int 2^weight_exp theta_i / vth``, ``beta = 1 - dv / 4096``,
   ``bias = (bias_mant << bias_exp) theta_i / (64 vth)``, thresholds unchanged).
 * :func:`compensated_spec` -- :func:`dequantize` plus sub-LSB corrections for
@@ -54,10 +54,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from dmn_neuro.errors import ExportError
-from dmn_neuro.semantics import NeuronSemantics
-from dmn_neuro.spec import CircuitSpec, PopulationSpec, ProjectionSpec
+from dmn_neuro.simulation.semantics import NeuronSemantics
+from dmn_neuro.simulation.spec import CircuitSpec, PopulationSpec, ProjectionSpec
 
-from .fixed_point import (ACT_SHIFT, BIAS_MANT_MAX, BIAS_MANT_MIN, DECAY_UNITY, DU_NO_FILTER, FixedPointSpec,
+from dmn_neuro.simulation.fixed_point import (ACT_SHIFT, BIAS_MANT_MAX, BIAS_MANT_MIN, DECAY_UNITY, DU_NO_FILTER, FixedPointSpec,
                           _weight_range, _weight_step, quantize)
 
 logger = logging.getLogger(__name__)
@@ -519,7 +519,7 @@ def qat_finetune(trainer, episodes: int, progress: Optional[Callable[[Dict[str, 
     """Fine-tune ``trainer.circuit`` for ``episodes`` optimiser steps with fake-quantised
     parameters (STE), then snap it to the grid.
 
-    Uses :meth:`dmn_neuro.training.DMNTrainer.train_episode` (its loss,
+    Uses :meth:`dmn_neuro.training.optimizer.DMNTrainer.train_episode` (its loss,
     optimiser, gradient clipping and NaN checks) one episode at a time, refreshing
     the grid before each. The forward pass sees the exact grid
     (:func:`dequantize`); the sub-LSB truncation compensation is applied only by

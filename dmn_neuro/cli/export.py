@@ -32,8 +32,8 @@ VERIFY_SEED = 0
 
 
 def _load(checkpoint):
-    from dmn_neuro.checkpoint import load_circuit
-    from dmn_neuro.config import TrainingConfig
+    from dmn_neuro.training.checkpoint import load_circuit
+    from dmn_neuro.training.config import TrainingConfig
 
     circuit, ck = load_circuit(checkpoint)
     cfg = TrainingConfig.from_dict(ck["meta"]["config"]).replace(device="cpu")
@@ -45,8 +45,8 @@ def verification_input(circuit, cfg, odors: Sequence[str], steps: int, seed: int
     odor at several concentrations, with the checkpoint's own encoder (seeded)."""
     import torch
 
-    from dmn_neuro.odors import static_odor_input
-    from dmn_neuro.training import build_components
+    from dmn_neuro.environment.odors import static_odor_input
+    from dmn_neuro.training.optimizer import build_components
 
     _, encoder, _, _, _ = build_components(cfg.replace(odors=[]), circuit=circuit, device=torch.device("cpu"))
     gen = torch.Generator().manual_seed(int(seed))
@@ -56,7 +56,7 @@ def verification_input(circuit, cfg, odors: Sequence[str], steps: int, seed: int
 
 
 def default_odors(cfg) -> list:
-    from dmn_neuro.arena import ArenaConfig
+    from dmn_neuro.environment.arena import ArenaConfig
 
     trained = list(cfg.odors) or list(ArenaConfig(**cfg.arena).odors)
     extra = [o for o in ("ethyl acetate", "1-hexanol", "benzaldehyde") if o not in trained]
@@ -77,13 +77,13 @@ def export(checkpoint, fmt, out, fixed_point, weight_bits, as_json):
     if fmt == "nir":
         if fixed_point:
             raise ConfigError("--fixed-point applies to --format lava only")
-        from .nir_export import export_nir
+        from exporters.nir_export import export_nir
 
         path = export_nir(spec, out)
         info = {"format": "nir", "path": str(path), "populations": spec.population_names,
                 "dt_s": spec.semantics.dt_s}
     else:
-        from .lava_export import export_lava
+        from exporters.lava_export import export_lava
 
         res = export_lava(spec, out, fixed_point=fixed_point, **({"weight_bits": weight_bits} if fixed_point else {}))
         info = {"format": "lava-fixed" if fixed_point else "lava", "path": str(res["graph_dir"]),
@@ -103,7 +103,7 @@ def closed_loop_success(circuit, cfg, stepper=None, episodes: int = 50, seed: in
     """Held-out navigation success rate of the circuit, or of ``stepper`` driving the same agent."""
     import torch
 
-    from dmn_neuro.training import EVAL_STREAM, build_components, episode_generator
+    from dmn_neuro.training.optimizer import EVAL_STREAM, build_components, episode_generator
 
     circuit = circuit.float()
     _, _, arena, agent, _ = build_components(cfg, circuit=circuit, device=torch.device("cpu"))
@@ -133,9 +133,9 @@ def closed_loop_success(circuit, cfg, stepper=None, episodes: int = 50, seed: in
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def verify(checkpoint, target, steps, odors, seed, closed_loop_episodes, export_dir, report_dir, as_json):
     """Run the export in its target simulator and compare spikes with the trained model (exit 0 = pass)."""
-    from dmn_neuro.inference import run_open_loop
+    from dmn_neuro.analysis.recording import run_open_loop
 
-    from .verify import tolerance_for, verify_spikes
+    from exporters.verify import tolerance_for, verify_spikes
 
     if steps <= 0:
         raise ConfigError(f"--steps must be positive, got {steps}")
@@ -151,20 +151,20 @@ def verify(checkpoint, target, steps, odors, seed, closed_loop_episodes, export_
     tol = tolerance_for(target)
     try:
         if target == "nir":
-            from .nir_export import export_nir
-            from .nir_import import run_nir
+            from exporters.nir_export import export_nir
+            from exporters.nir_import import run_nir
 
             path = export_nir(spec, workdir / "model.nir")
             candidate = run_nir(path, x)
         else:
-            from .lava_export import export_lava
-            from .lava_runner import run_lava
+            from exporters.lava_export import export_lava
+            from exporters.lava_runner import run_lava
 
             fixed = target == "lava-fixed"
             res = export_lava(spec, workdir / ("lava_fixed" if fixed else "lava_float"), fixed_point=fixed)
             candidate = run_lava(res["graph_dir"], x, fixed_point=fixed)
             if fixed:
-                from .fixed_point import FixedPointStepper
+                from dmn_neuro.simulation.fixed_point import FixedPointStepper
 
                 closed["quantisation"] = res["quantisation"]
                 if closed_loop_episodes > 0:
@@ -175,7 +175,7 @@ def verify(checkpoint, target, steps, odors, seed, closed_loop_episodes, export_
         result = verify_spikes(reference, candidate, target, lag=0, tolerance=tol,
                                populations=spec.population_names, extra=closed)
         if report_dir:
-            from .report import write_report
+            from exporters.report import write_report
 
             write_report(result, reference, candidate, Path(report_dir))
     finally:
@@ -184,7 +184,7 @@ def verify(checkpoint, target, steps, odors, seed, closed_loop_episodes, export_
     if as_json:
         click.echo(result.to_json())
     else:
-        from .report import format_table
+        from exporters.report import format_table
 
         click.echo(format_table(result))
     if not result.passed:
