@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, DataError
+from .tables import canonical_layer
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,15 @@ def _as_tensor(x, name: str, dtype=None) -> torch.Tensor:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise DataError(f"ConstrainedWeight: {name} contains NaN/Inf")
     return t
+
+
+def as_bool_mask(mask: torch.Tensor, what: str) -> torch.Tensor:
+    """A 0/1 or bool tensor as bool; anything else is a DataError naming ``what``."""
+    if mask.dtype == torch.bool:
+        return mask
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise DataError(f"{what} must be boolean (0/1)")
+    return mask != 0
 
 
 class ConstrainedWeight(nn.Module):
@@ -79,10 +89,7 @@ class ConstrainedWeight(nn.Module):
             raise DataError(f"ConstrainedWeight: sign has shape {tuple(sgn.shape)}, expected ({n_pre},)")
         if tuple(msk.shape) != (n_post, n_pre):
             raise DataError(f"ConstrainedWeight: mask has shape {tuple(msk.shape)}, expected ({n_post}, {n_pre})")
-        if msk.dtype != torch.bool:
-            if msk.is_floating_point() and not bool(((msk == 0) | (msk == 1)).all()):
-                raise DataError("ConstrainedWeight: mask must be boolean (0/1)")
-            msk = msk != 0
+        msk = as_bool_mask(msk, "ConstrainedWeight: mask")
         if not bool(((sgn == 1) | (sgn == -1)).all()):
             raise DataError("ConstrainedWeight: sign must be -1 or +1 for every presynaptic neuron")
         if bool((mag[msk] < 0).any()):
@@ -111,6 +118,11 @@ class ConstrainedWeight(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         return self.forward()
+
+    @property
+    def shape(self) -> torch.Size:
+        """``[n_post, n_pre]``, the shape of the effective weight."""
+        return self.raw.shape
 
     def extra_repr(self) -> str:
         n_edges = int(self.mask.sum())
@@ -155,7 +167,7 @@ class AdjacencyMatrixGenerator:
     def create_weight_matrix(self, connectivity_data, pre_layer: str, post_layer: str, normalize: bool = True,
                              learnable: bool = True, init: str = "log", sparse: bool = False,
                              gain: float = 1.0) -> WeightResult:
-        """(weights, mask) for the projection ``pre_layer -> post_layer``.
+        """(weights, mask) for the projection ``pre_layer -> post_layer`` (layer names in any case).
 
         Returns:
             * ``learnable=True, sparse=False``: (:class:`ConstrainedWeight`, bool mask [n_post, n_pre]).
@@ -170,6 +182,7 @@ class AdjacencyMatrixGenerator:
         if sparse and learnable:
             raise ConfigError("sparse=True gives fixed weights; pass learnable=False "
                               "(trainable sign/mask-constrained weights use the dense ConstrainedWeight)")
+        pre_layer, post_layer = canonical_layer(pre_layer), canonical_layer(post_layer)
         counts = connectivity_data.count_matrix(pre_layer, post_layer)
         sign = np.asarray(connectivity_data.presynaptic_sign(pre_layer), dtype=np.float64)
         mag = self.magnitudes(counts, init=init, normalize=normalize, gain=gain)
@@ -196,4 +209,4 @@ class AdjacencyMatrixGenerator:
         return float(1 - torch.as_tensor(mask).float().mean())
 
 
-__all__ = ["ConstrainedWeight", "AdjacencyMatrixGenerator", "inverse_softplus", "INITS"]
+__all__ = ["ConstrainedWeight", "AdjacencyMatrixGenerator", "as_bool_mask", "inverse_softplus", "INITS"]

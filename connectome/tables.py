@@ -28,14 +28,16 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .errors import DataError
+from .views import NeuronMetadata, NeuronView, SynapseConnection, SynapseView, neuron_row
 
 #: Every layer name the data layer knows, in canonical (feed-forward) order.
 LAYERS: Tuple[str, ...] = ("ORN", "PN", "KC", "APL", "MBON", "DN", "DAN")
+_LAYER_BY_LOWER = {name.lower(): name for name in LAYERS}
 #: Layers used when none are given.
 DEFAULT_LAYERS: Tuple[str, ...] = ("ORN", "PN", "KC", "MBON", "DN")
 #: Allowed provenance labels of a projection.
@@ -75,13 +77,19 @@ def normalize_transmitter(name: str) -> str:
     return _TRANSMITTER_ALIASES[key]
 
 
+def canonical_layer(name: str) -> str:
+    """Layer name in canonical spelling ('orn' -> 'ORN'); unknown names pass through unchanged."""
+    name = str(name).strip()
+    return _LAYER_BY_LOWER.get(name.lower(), name)
+
+
 def check_layers(layers: Sequence[str]) -> Tuple[str, ...]:
     """Validate layer names (unknown -> DataError naming it and listing valid ones)."""
     if isinstance(layers, str):
         layers = [s for s in layers.split(",") if s.strip()]
     out: List[str] = []
     for name in layers:
-        name = str(name).strip()
+        name = canonical_layer(name)
         if name not in LAYERS:
             raise DataError(f"unknown layer {name!r}; valid layers: {', '.join(LAYERS)}")
         if name not in out:
@@ -89,28 +97,6 @@ def check_layers(layers: Sequence[str]) -> Tuple[str, ...]:
     if not out:
         raise DataError(f"no layers selected; valid layers: {', '.join(LAYERS)}")
     return tuple(out)
-
-
-class NeuronMetadata(NamedTuple):
-    """One neuron (the seed's object view of a :class:`NeuronTable` row)."""
-
-    id: int
-    cell_type: str
-    layer: str
-    transmitter: str
-    sign: int
-    position: Optional[Tuple[float, float, float]] = None
-    glomerulus: Optional[str] = None
-    side: Optional[str] = None
-    receptor: Optional[str] = None
-
-
-class SynapseConnection(NamedTuple):
-    """One neuron pair with its synapse count."""
-
-    pre_id: int
-    post_id: int
-    count: int
 
 
 @dataclass(frozen=True)
@@ -290,65 +276,6 @@ def layer_sort_order(table: NeuronTable) -> np.ndarray:
     return np.lexsort((table.id, table.cell_type, table.glomerulus, layer_rank))
 
 
-class SynapseView(Sequence):
-    """Lazy ``Sequence[SynapseConnection]`` over an :class:`EdgeTable`."""
-
-    def __init__(self, edges: EdgeTable):
-        self._edges = edges
-
-    def __len__(self) -> int:
-        return len(self._edges)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(i)
-        e = self._edges
-        return SynapseConnection(int(e.pre_id[i]), int(e.post_id[i]), int(e.count[i]))
-
-    def __iter__(self) -> Iterator[SynapseConnection]:
-        e = self._edges
-        for start in range(0, len(e), 65536):
-            stop = start + 65536
-            for a, b, c in zip(e.pre_id[start:stop].tolist(), e.post_id[start:stop].tolist(), e.count[start:stop].tolist()):
-                yield SynapseConnection(a, b, c)
-
-
-class NeuronView(Mapping):
-    """Lazy ``Mapping[int, NeuronMetadata]`` over a :class:`NeuronTable`."""
-
-    def __init__(self, table: NeuronTable, index_of):
-        self._t = table
-        self._index_of = index_of
-
-    def __len__(self) -> int:
-        return len(self._t)
-
-    def __iter__(self):
-        return iter(self._t.id.tolist())
-
-    def __getitem__(self, key) -> NeuronMetadata:
-        idx = self._index_of(np.asarray([key], dtype=np.int64))[0]
-        if idx < 0:
-            raise KeyError(key)
-        return _row(self._t, int(idx))
-
-
-def _row(t: NeuronTable, i: int) -> NeuronMetadata:
-    pos = t.position[i]
-    return NeuronMetadata(
-        id=int(t.id[i]), cell_type=str(t.cell_type[i]), layer=str(t.layer[i]),
-        transmitter=str(t.transmitter[i]), sign=int(t.sign[i]),
-        position=None if np.any(np.isnan(pos)) else tuple(float(x) for x in pos),
-        glomerulus=str(t.glomerulus[i]) or None, side=str(t.side[i]) or None,
-        receptor=str(t.receptor[i]) or None,
-    )
-
-
 class OlfactoryCircuitData:
     """The selected olfactory circuit: neuron and edge tables plus per-projection provenance.
 
@@ -434,6 +361,16 @@ class OlfactoryCircuitData:
         return slice(start, start + self.layer_sizes[layer])
 
     # ----------------------------------------------------------- seed API
+    #: Keys of the design document's mapping view (``connectome['neurons']``).
+    MAPPING_KEYS: Tuple[str, ...] = ("neurons", "synapses", "layer_sizes", "total_synapses", "source", "version",
+                                     "layers")
+
+    def __getitem__(self, key: str):
+        """``data['neurons']``, ``data['layer_sizes']``, ... (the design document's dict view)."""
+        if key not in self.MAPPING_KEYS:
+            raise KeyError(f"{key!r}; OlfactoryCircuitData keys: {', '.join(self.MAPPING_KEYS)}")
+        return getattr(self, key)
+
     @property
     def layer_sizes(self) -> Dict[str, int]:
         return {name: int(np.count_nonzero(self.neuron_table.layer == name)) for name in self.layers}
@@ -457,7 +394,7 @@ class OlfactoryCircuitData:
 
     def layer_neurons(self, layer: str) -> List[NeuronMetadata]:
         s = self._slice(layer)
-        return [_row(self.neuron_table, i) for i in range(s.start, s.stop)]
+        return [neuron_row(self.neuron_table, i) for i in range(s.start, s.stop)]
 
     def layer_column(self, layer: str, column: str) -> np.ndarray:
         """A neuron-table column (e.g. 'glomerulus', 'cell_type') for ``layer`` in index order."""

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from connectome.adjacency_matrix import ConstrainedWeight
+from connectome.adjacency_matrix import ConstrainedWeight, as_bool_mask
 
 from dmn_neuro.simulation import semantics
 from dmn_neuro.errors import ConfigError, DMNError
@@ -136,6 +136,56 @@ def _balance_ei(w: ConstrainedWeight) -> None:
         w.raw.copy_(torch.where(w.mask, torch.log(torch.expm1(mag.clamp_min(1e-6))), w.raw))
 
 
+def _projection_mapping(given: Mapping[object, object], projections, what: str) -> Dict[Tuple[str, str], object]:
+    """``{'mask_orn_pn' | 'orn_pn' | 'ORN->PN' | ('ORN', 'PN'): value}`` -> ``{('ORN', 'PN'): value}``."""
+    known = {(a, b) for a, b in projections}
+    out: Dict[Tuple[str, str], object] = {}
+    for key, value in given.items():
+        if isinstance(key, tuple) and len(key) == 2:
+            pair = (str(key[0]).upper(), str(key[1]).upper())
+        else:
+            text = str(key)
+            for prefix in ("mask_", "weights_", "w_"):
+                if text.lower().startswith(prefix):
+                    text = text[len(prefix):]
+            parts = text.split("->") if "->" in text else text.split("_")
+            pair = tuple(x.strip().upper() for x in parts) if len(parts) == 2 else None
+        if pair not in known:
+            raise ConfigError(f"{what}: {key!r} names no projection of this circuit; "
+                              f"known: {', '.join(f'{a}->{b}' for a, b in projections)}")
+        if pair in out:
+            raise ConfigError(f"{what}: projection {pair[0]}->{pair[1]} given twice")
+        out[pair] = value
+    return out
+
+
+def _given_weight(value, data, pre: str, post: str, shape: Tuple[int, int]) -> ConstrainedWeight:
+    """A user-supplied weight as a :class:`ConstrainedWeight` of the right shape."""
+    if isinstance(value, ConstrainedWeight):
+        w = value
+    else:
+        eff = torch.as_tensor(value)
+        if data is None:
+            raise ConfigError(f"weights for {pre}->{post}: a plain tensor needs connectivity_data for the Dale signs")
+        if eff.dim() != 2 or not eff.is_floating_point():
+            raise ConfigError(f"weights for {pre}->{post} must be a float [n_post, n_pre] tensor, got {tuple(eff.shape)}")
+        sign = torch.as_tensor(data.presynaptic_sign(pre), dtype=eff.dtype)
+        if eff.shape[1] == sign.numel() and bool(((eff * sign[None, :]) < 0).any()):
+            raise ConfigError(f"weights for {pre}->{post} violate Dale's law (an entry's sign differs from its "
+                              "presynaptic neuron's transmitter sign)")
+        w = ConstrainedWeight(eff.abs().detach(), sign, eff != 0)
+    if tuple(w.shape) != shape:
+        raise ConfigError(f"weights for {pre}->{post} have shape {tuple(w.shape)}, expected {shape} (n_post, n_pre)")
+    return w
+
+
+def _apply_mask(w: ConstrainedWeight, mask, key: str) -> None:
+    m = torch.as_tensor(mask, device=w.mask.device)
+    if tuple(m.shape) != tuple(w.mask.shape):
+        raise ConfigError(f"masks: {key} has shape {tuple(m.shape)}, expected {tuple(w.mask.shape)}")
+    w.mask.copy_(as_bool_mask(m, f"masks: {key}"))
+
+
 class DifferentiableOlfactoryCircuit(nn.Module):
     """Connectome-constrained spiking circuit of one hemisphere.
 
@@ -151,6 +201,19 @@ class DifferentiableOlfactoryCircuit(nn.Module):
         neuron_params: ``{layer: (tau_ms, threshold_mv, rest_mv)}`` overrides.
         engine: ``"fused"`` (default) or ``"snntorch"`` (reference).
         device: where the parameters live.
+        weights_orn_pn, weights_pn_kc, weights_kc_mbon, weights_mbon_dn, weights:
+            weights to use instead of the connectome-derived initialisation
+            (the design document's spelling; ``weights`` takes any projection,
+            keyed like ``masks``). A :class:`ConstrainedWeight` (what
+            ``create_weight_matrix(..., learnable=True)`` returns) is used as
+            it is, so training updates that very object; a tensor of effective
+            weights ``[n_post, n_pre]`` is wrapped with the data's Dale signs.
+        masks: synapse masks ``[n_post, n_pre]`` per projection, keyed
+            ``'mask_orn_pn'``, ``'orn_pn'``, ``'ORN->PN'`` or ``('ORN', 'PN')``;
+            a given mask replaces the projection's mask (weights off it are 0
+            and get no gradient).
+        learnable: ``False`` freezes every weight (decays and thresholds
+            follow ``learnable_tau`` / ``learnable_threshold``).
     """
 
     def __init__(
@@ -170,6 +233,13 @@ class DifferentiableOlfactoryCircuit(nn.Module):
         bias: Optional[Dict[str, float]] = None,
         threshold_jitter: Optional[Dict[str, float]] = None,
         seed: int = 0,
+        weights_orn_pn=None,
+        weights_pn_kc=None,
+        weights_kc_mbon=None,
+        weights_mbon_dn=None,
+        weights: Optional[Mapping[object, object]] = None,
+        masks: Optional[Mapping[object, object]] = None,
+        learnable: bool = True,
     ) -> None:
         super().__init__()
         if engine not in ENGINES:
@@ -226,10 +296,17 @@ class DifferentiableOlfactoryCircuit(nn.Module):
             thr = self.cells[name].threshold.detach()
             self.biases[name] = nn.Parameter((float(b) * thr).to(device) if device is not None else float(b) * thr)
         self.weights = nn.ModuleDict()
+        given_w = _projection_mapping(
+            {**{k: v for k, v in (("ORN->PN", weights_orn_pn), ("PN->KC", weights_pn_kc),
+                                   ("KC->MBON", weights_kc_mbon), ("MBON->DN", weights_mbon_dn)) if v is not None},
+             **dict(weights or {})}, structure.projections, "weights")
+        given_m = _projection_mapping(masks or {}, structure.projections, "masks")
         for pre, post in structure.projections:
             key = f"{pre}->{post}"
             n_pre, n_post = structure.layer_sizes[pre], structure.layer_sizes[post]
-            if connectivity_data is not None:
+            if (pre, post) in given_w:
+                w = _given_weight(given_w[(pre, post)], connectivity_data, pre, post, (n_post, n_pre))
+            elif connectivity_data is not None:
                 from connectome.adjacency_matrix import AdjacencyMatrixGenerator
 
                 thr_post = semantics.normalise_threshold(params[post][1], params[post][2])
@@ -242,6 +319,10 @@ class DifferentiableOlfactoryCircuit(nn.Module):
                     _balance_ei(w)
             else:  # placeholder, filled by load_state_dict
                 w = ConstrainedWeight(torch.zeros(n_post, n_pre), torch.ones(n_pre), torch.zeros(n_post, n_pre, dtype=torch.bool))
+            if (pre, post) in given_m:
+                _apply_mask(w, given_m[(pre, post)], key)
+            if not learnable:
+                w.raw.requires_grad_(False)
             self.weights[self._wkey(pre, post)] = w.to(device) if device is not None else w
         self.projection_pairs: List[Tuple[str, str]] = list(structure.projections)
         self.input_population = "ORN"

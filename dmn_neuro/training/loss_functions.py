@@ -31,6 +31,7 @@ order one at its worst, plus their weighted sum::
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -221,6 +222,36 @@ class CombinedLoss(nn.Module):
             return like.new_zeros(())
         return torch.stack(terms).mean()
 
+    def _as_batch(self, positions, velocities, activations):
+        """The design document's single-trajectory form -> the batched form.
+
+        ``positions``/``velocities`` ``[T, 3]`` become ``[T, 1, 3]``; spikes
+        ``[T, n]`` become ``[T, 1, n]``; boolean spikes become float; population
+        keys of the KC and activity populations match case-insensitively (``'kc'`` is ``'KC'``).
+        """
+        positions, velocities = torch.as_tensor(positions), torch.as_tensor(velocities)
+        single = positions.dim() == 2
+        if single:
+            positions = positions[:, None, :]
+            if velocities.dim() == 2:
+                velocities = velocities[:, None, :]
+        if not positions.is_floating_point():
+            positions = positions.to(torch.get_default_dtype())
+        velocities = velocities.to(positions.dtype)
+        canon = {n.lower(): n for n in (self.kc_population, *(self.activity_populations or ()))}
+        out = {}
+        for name, s in (activations or {}).items():
+            key = canon.get(str(name).lower(), str(name))
+            if key in out:
+                raise ConfigError(f"activations name population {key!r} twice (keys differ only in case)")
+            s = torch.as_tensor(s)
+            if not s.is_floating_point():
+                s = s.to(positions.dtype)
+            if single and s.dim() == 2:
+                s = s[:, None, :]
+            out[key] = s
+        return positions, velocities, out
+
     def forward(
         self,
         positions: torch.Tensor,
@@ -232,11 +263,12 @@ class CombinedLoss(nn.Module):
         """Loss terms for a batch of episodes.
 
         Args:
-            positions: ``[T, B, 3]`` mm (the first row is taken as the start when
-                ``start_positions`` is not given).
-            velocities: ``[T', B, 3]`` mm/s.
-            activations: population name -> spikes ``[T, B', n]`` (B' may be
-                2B for stacked hemispheres: every term averages over it).
+            positions: ``[T, B, 3]`` mm, or ``[T, 3]`` for one trajectory (the
+                first row is taken as the start when ``start_positions`` is not given).
+            velocities: ``[T', B, 3]`` (or ``[T', 3]``) mm/s.
+            activations: population name (``'kc'`` matches ``kc_population``) -> spikes
+                ``[T, B', n]`` (or ``[T, n]`` with ``[T, 3]`` positions), float or
+                bool; B' may be 2B for stacked hemispheres: every term averages over it.
             goal: per-episode goal ``[B, 3]`` or ``[3]``; default ``goal_position``.
             start_positions: ``[B, 3]``.
 
@@ -244,10 +276,11 @@ class CombinedLoss(nn.Module):
             ``{'navigation', 'energy', 'sparsity', 'activity', 'total'}``, 0-d
             tensors (unweighted terms; ``total`` is the weighted sum).
         """
+        positions, velocities, activations = self._as_batch(positions, velocities, activations)
         if positions.dim() != 3 or positions.shape[-1] != 3 or positions.shape[0] < 1:
-            raise ValueError(f"positions must be [T, B, 3], got shape {tuple(positions.shape)}")
+            raise ValueError(f"positions must be [T, 3] or [T, B, 3], got shape {tuple(positions.shape)}")
         if velocities.dim() != 3 or velocities.shape[-1] != 3:
-            raise ValueError(f"velocities must be [T, B, 3], got shape {tuple(velocities.shape)}")
+            raise ValueError(f"velocities must be [T, 3] or [T, B, 3], got shape {tuple(velocities.shape)}")
         B = positions.shape[1]
         if goal is None:
             goal = self.goal_position
@@ -293,14 +326,32 @@ def _as_np(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
+class _ClassOrInstanceMethod:
+    """A method callable on an instance or on the class; on the class it runs
+    on a default instance (``TrajectoryAnalyzer.compute_trajectory_metrics(...)``
+    as the design document calls it)."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, obj, cls):
+        return functools.partial(self.fn, obj if obj is not None else cls())
+
+
 class TrajectoryAnalyzer:
-    """Behaviour metrics of trajectories (numpy or torch inputs, no gradients)."""
+    """Behaviour metrics of trajectories (numpy or torch inputs, no gradients).
+
+    ``compute_trajectory_metrics`` works on an instance (``grid_mm`` of the
+    exploration area set there) or on the class (default 1 mm grid).
+    """
 
     def __init__(self, grid_mm: float = 1.0) -> None:
         if not (math.isfinite(grid_mm) and grid_mm > 0):
             raise ConfigError(f"grid_mm must be positive, got {grid_mm}")
         self.grid_mm = float(grid_mm)
 
+    @_ClassOrInstanceMethod
     def compute_trajectory_metrics(
         self,
         positions: ArrayLike,
