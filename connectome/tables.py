@@ -222,6 +222,8 @@ class EdgeTable:
         count = np.asarray(self.count).reshape(-1)
         if count.dtype.kind == "f" and not np.all(np.isfinite(count)):
             raise DataError("edge table: synapse counts contain NaN/Inf")
+        if count.size and (np.any(count < np.iinfo(np.int32).min) or np.any(count > np.iinfo(np.int32).max)):
+            raise DataError(f"edge table: a synapse count exceeds the int32 range (max {count.max()})")
         self.count = count.astype(np.int32)
         n = self.pre_id.shape[0]
         if self.post_id.shape != (n,) or self.count.shape != (n,):

@@ -75,17 +75,33 @@ def read_columns(path, required: Sequence[str], optional: Sequence[str] = (), al
     return out
 
 
-def to_int(values: Sequence[str], path, column: str, dtype=np.int64) -> np.ndarray:
-    """Parse integers; a non-numeric entry -> DataError naming file, column and row."""
+def to_int(values: Sequence[str], path, column: str, dtype=np.int64, minimum=None) -> np.ndarray:
+    """Parse integers; an entry that is not an integer, does not fit ``dtype`` or
+    lies below ``minimum`` -> DataError naming file, column, row and the rule."""
+    info = np.iinfo(dtype)
+    lo = info.min if minimum is None else max(int(minimum), info.min)
     try:
-        return np.asarray(values, dtype=np.int64).astype(dtype) if len(values) else np.zeros(0, dtype)
+        out = np.asarray(values, dtype=np.int64) if len(values) else np.zeros(0, np.int64)
     except (ValueError, OverflowError):
-        pass
-    for i, v in enumerate(values):
-        try:
-            x = float(v)
-            if not np.isfinite(x) or x != int(x):
-                raise ValueError
-        except (ValueError, OverflowError):
-            raise DataError(f"{path}: column {column} row {i + 2} is not an integer: {v!r}") from None
-    return np.asarray([int(float(v)) for v in values], dtype=dtype)
+        out = None
+    if out is None:
+        parsed = []
+        for i, v in enumerate(values):
+            try:
+                x = float(v)
+                if not np.isfinite(x) or x != int(x):
+                    raise ValueError
+            except (ValueError, OverflowError):
+                raise DataError(f"{path}: column {column} row {i + 2} is not an integer: {v!r}") from None
+            parsed.append(int(x))
+        big = [i for i, x in enumerate(parsed) if not info.min <= x <= info.max]
+        if big:
+            raise DataError(f"{path}: column {column} row {big[0] + 2} is out of range "
+                            f"({values[big[0]]!r} does not fit {np.dtype(dtype).name})")
+        out = np.asarray(parsed, dtype=np.int64)
+    bad = np.flatnonzero((out < lo) | (out > info.max))
+    if bad.size:
+        i = int(bad[0])
+        rule = f">= {lo}" if out[i] < lo else f"<= {info.max}"
+        raise DataError(f"{path}: column {column} row {i + 2} is out of range ({values[i]!r}; must be {rule})")
+    return out.astype(dtype)

@@ -40,7 +40,7 @@ def _check_options(name: str, options: Mapping, allowed) -> None:
 def _read_edges(path: Path, pre_col: str, post_col: str) -> EdgeTable:
     e = read_columns(path, [pre_col, post_col, "syn_count"])
     return EdgeTable.aggregate(to_int(e[pre_col], path, pre_col), to_int(e[post_col], path, post_col),
-                               to_int(e["syn_count"], path, "syn_count"))
+                               to_int(e["syn_count"], path, "syn_count", dtype=np.int32, minimum=0))
 
 
 def _with_model_layers(neurons, edges, layers, options, source: str, version: str, provenance_name: str,

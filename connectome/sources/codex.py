@@ -85,7 +85,7 @@ def load_codex(layers: Sequence[str], **options) -> OlfactoryCircuitData:
         jp, jq, jc = (header.index(c) for c in ("pre_root_id", "post_root_id", "syn_count"))
         pre = to_int([r[jp] for r in rows], f_con, "pre_root_id")
         post = to_int([r[jq] for r in rows], f_con, "post_root_id")
-        cnt = to_int([r[jc] for r in rows], f_con, "syn_count")
+        cnt = to_int([r[jc] for r in rows], f_con, "syn_count", dtype=np.int32, minimum=0)
         keep = np.isin(pre, cand_ids) & np.isin(post, cand_ids)
         pre_l.append(pre[keep]), post_l.append(post[keep]), cnt_l.append(cnt[keep])
     if not pre_l:

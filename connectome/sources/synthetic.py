@@ -42,6 +42,12 @@ _COMPARTMENTS = (("g1", "g2", "g3", "g4", "g5"), ("a'1", "a'2", "a'3", "b'1", "b
 _MBON_NT = (("acetylcholine", 1, 0.52), ("glutamate", -1, 0.25), ("gaba", -1, 0.23))
 
 
+#: Largest sizes the generator accepts (4x the whole-brain preset): beyond them
+#: the tables alone would not fit this kind of machine's memory.
+MAXIMA = {"scale": 256.0, "degree_scale": 64.0, "n_glomeruli": 51, "orn_per_glomerulus": 1000,
+          "n_kc": 1_000_000, "n_dn": 100_000}
+
+
 def _positive(name, value, integer=False):
     ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
         and math.isfinite(value) and value > 0
@@ -49,6 +55,8 @@ def _positive(name, value, integer=False):
         ok = ok and float(value) == int(value)
     if not ok:
         raise DataError(f"synthetic option {name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+    if value > MAXIMA[name]:
+        raise DataError(f"synthetic option {name} must be <= {MAXIMA[name]:g}, got {value!r}")
     return int(value) if integer else float(value)
 
 
@@ -82,6 +90,9 @@ def generate(seed=0, scale=1.0, degree_scale=1.0, n_glomeruli=51, orn_per_glomer
     orn_per = max(1, int(round(_positive("orn_per_glomerulus", orn_per_glomerulus, True) * scale)))
     n_kc = max(1, int(round(_positive("n_kc", n_kc, True) * scale)))
     n_dn = max(1, int(round(_positive("n_dn", n_dn, True) * scale)))
+    if n_kc * degree_scale > 64 * MAXIMA["n_kc"]:
+        raise DataError(f"synthetic circuit too large: n_kc x scale x degree_scale = {n_kc * degree_scale:.3g} "
+                        f"(at most {64 * MAXIMA['n_kc']:.3g})")
     n_apl = max(1, int(round(n_kc / 2000)))
     gloms = [r[0] for r in rows[:n_glom]]
     receptors = [r[1] for r in rows[:n_glom]]
