@@ -61,7 +61,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from dmn_neuro.simulation.engine import SparseStructure, run_layered, run_reference  # noqa: E402
+from dmn_neuro.simulation.engine import (  # noqa: E402
+    PopulationParams, ProjectionParams, SparseStructure, run_layered, run_reference,
+)
 
 OUTPUTS = ["MBON", "DN"]
 WB_GAIN = 0.15
@@ -118,11 +120,11 @@ def _fallback_circuit(cache_dir: str):  # pragma: no cover - only without dmn_ne
         setattr(mod, f"w_{pre}_{post}", nn.Parameter(torch.log(torch.expm1((2.0 / fan).expand_as(cnt).clone()))))
 
     def pops():
-        return [{"name": n, "beta": torch.sigmoid(getattr(mod, f"beta_{n}")), "threshold": F.softplus(getattr(mod, f"thr_{n}"))}
+        return [PopulationParams(n, torch.sigmoid(getattr(mod, f"beta_{n}")), F.softplus(getattr(mod, f"thr_{n}")))
                 for n in layers]
 
     def projs():
-        return [{"pre": a, "post": b, "weight": masks[a, b][0] * masks[a, b][1][None, :] * F.softplus(getattr(mod, f"w_{a}_{b}"))}
+        return [ProjectionParams(a, b, masks[a, b][0] * masks[a, b][1][None, :] * F.softplus(getattr(mod, f"w_{a}_{b}")))
                 for a, b in pairs]
 
     return mod, pops, projs, "fast_sigmoid", 5.0, "connectome.fetch_data (fallback builder)"
@@ -151,9 +153,9 @@ def make_input(bundle, T: int, B: int, kind: str = "odor", seed: int = 0) -> tor
 
 
 def _drive_input(pops, T: int, B: int, seed: int = 0) -> torch.Tensor:
-    orn = [p for p in pops if p["name"] == "ORN"][0]
-    thr = orn["threshold"].detach()
-    drive = thr * (1 - orn["beta"].detach())  # current that holds v at threshold
+    orn = [p for p in pops if p.name == "ORN"][0]
+    thr = orn.threshold.detach()
+    drive = thr * (1 - orn.beta.detach())  # current that holds v at threshold
     g = torch.Generator().manual_seed(seed)
     pattern = torch.rand(B, thr.shape[0], generator=g)
     return (pattern * 3.0 * drive) + torch.randn(T, B, thr.shape[0], generator=g) * 0.3 * drive
@@ -164,11 +166,8 @@ def loss_fn(out) -> torch.Tensor:
 
 
 def engine_projections(projs, sparse: list):
-    out = projs()
-    for q in out:
-        if f"{q['pre']}->{q['post']}" in sparse:
-            q["sparse"] = SparseStructure.from_mask(q["weight"].detach())
-    return out
+    return [q._replace(sparse=SparseStructure.from_mask(q.weight.detach())) if f"{q.pre}->{q.post}" in sparse else q
+            for q in projs()]
 
 
 def fwd_bwd(kind: str, bundle, x: torch.Tensor, checkpoint_every, sparse):
@@ -303,8 +302,8 @@ def wholebrain(args) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.zeros(T, 1, n)
     x[:, 0, orn] = (torch.rand(T, int(orn.sum()), generator=g) < 0.3).float() * 1.5
-    pops = [{"name": "brain", "beta": torch.tensor(0.9), "threshold": torch.ones(n)}]
-    projs = [{"pre": "brain", "post": "brain", "sparse": st, "values": values}]
+    pops = [PopulationParams("brain", torch.tensor(0.9), torch.ones(n))]
+    projs = [ProjectionParams("brain", "brain", sparse=st, values=values)]
     res = {"neurons": n, "edges": st.nnz, "setup_s": setup_s, "steps": T, "batch": 1}
     for name, event in (("csr", False), ("event", True)):
         with torch.no_grad():
@@ -354,7 +353,7 @@ def main(argv=None) -> int:
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     runs = 3 if args.quick else args.runs
     bundle = build_circuit(tempfile.mkdtemp(prefix="dmn_bench_"), args.circuit)
-    sizes = {p["name"]: int(p["threshold"].shape[0]) for p in bundle[1]()}
+    sizes = {p.name: int(p.threshold.shape[0]) for p in bundle[1]()}
     log(f"circuit: {bundle[5]}; sizes {sizes}; surrogate {bundle[3]}({bundle[4]})")
     log(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"threads {args.threads}, batch {args.batch}; engine SparseStructure projections: {args.sparse or 'none'}; "
