@@ -1,4 +1,4 @@
-"""The fused engine against the snnTorch reference (LIFCell) and the NumPy spec."""
+"""The fused engine against the per-step reference (LIFCell / lif_step) and the NumPy spec."""
 from __future__ import annotations
 
 import numpy as np
@@ -22,9 +22,10 @@ SURR = [("fast_sigmoid", 25.0), ("atan", 2.0)]
 
 
 def _close(a, b, dtype, snntorch=False):
-    """Gradient comparison. snnTorch's surrogates return float32 spikes, so its
-    backward rounds dL/ds to float32 even in a float64 run: against it, float64
-    agrees to ~1e-6 only. Against the float64 autograd reference it is tight."""
+    """Gradient comparison. ``snntorch=True``: the per-step reference, whose
+    tolerance dates from when it ran on snnTorch (float32 surrogate outputs,
+    ~1e-6 in float64; tests/test_dynamics.py holds lif_step to snnTorch with
+    it). Against the float64 autograd reference it is tight."""
     if dtype == torch.float64:
         rtol, atol = (1e-5, 1e-6) if snntorch else (1e-10, 1e-12)
     else:
