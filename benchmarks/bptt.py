@@ -5,9 +5,9 @@ FlyWire v783 mushroom body with ORN 440, PN 124, KC 2597, APL 1, MBON 48, DN 16;
 ``--circuit connectome`` for the untrained from_connectome() defaults) at batch
 B and T steps, measures forward+backward wall time and peak memory of
 
-(a) the baseline: :func:`dmn_neuro.simulation.engine.run_reference`, one
-    :class:`~dmn_neuro.simulation.neurons.LIFCell` (snnTorch ``Leaky``) call per
-    population per step, autograd through every step;
+(a) the baseline: :func:`snntorch_loop`, one snnTorch ``Leaky`` call per
+    population per step (the contract and summation order of
+    :func:`dmn_neuro.simulation.engine.run_reference`), autograd through every step;
 (b) the engine: :func:`dmn_neuro.simulation.engine.run_layered` (each feed-forward
     projection over all T*B rows at once -- through the event-driven kernels
     of dmn_neuro.simulation.engine.kernels for the sparse FlyWire matrices, else one GEMM --,
@@ -61,7 +61,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from dmn_neuro.simulation.engine import SparseStructure, run_layered, run_reference  # noqa: E402
+from dmn_neuro.simulation.engine import (  # noqa: E402
+    PopulationParams, ProjectionParams, SparseStructure, run_layered,
+)
+from dmn_neuro.simulation.neurons import make_surrogate  # noqa: E402
 
 OUTPUTS = ["MBON", "DN"]
 WB_GAIN = 0.15
@@ -118,11 +121,11 @@ def _fallback_circuit(cache_dir: str):  # pragma: no cover - only without dmn_ne
         setattr(mod, f"w_{pre}_{post}", nn.Parameter(torch.log(torch.expm1((2.0 / fan).expand_as(cnt).clone()))))
 
     def pops():
-        return [{"name": n, "beta": torch.sigmoid(getattr(mod, f"beta_{n}")), "threshold": F.softplus(getattr(mod, f"thr_{n}"))}
+        return [PopulationParams(n, torch.sigmoid(getattr(mod, f"beta_{n}")), F.softplus(getattr(mod, f"thr_{n}")))
                 for n in layers]
 
     def projs():
-        return [{"pre": a, "post": b, "weight": masks[a, b][0] * masks[a, b][1][None, :] * F.softplus(getattr(mod, f"w_{a}_{b}"))}
+        return [ProjectionParams(a, b, masks[a, b][0] * masks[a, b][1][None, :] * F.softplus(getattr(mod, f"w_{a}_{b}")))
                 for a, b in pairs]
 
     return mod, pops, projs, "fast_sigmoid", 5.0, "connectome.fetch_data (fallback builder)"
@@ -151,9 +154,9 @@ def make_input(bundle, T: int, B: int, kind: str = "odor", seed: int = 0) -> tor
 
 
 def _drive_input(pops, T: int, B: int, seed: int = 0) -> torch.Tensor:
-    orn = [p for p in pops if p["name"] == "ORN"][0]
-    thr = orn["threshold"].detach()
-    drive = thr * (1 - orn["beta"].detach())  # current that holds v at threshold
+    orn = [p for p in pops if p.name == "ORN"][0]
+    thr = orn.threshold.detach()
+    drive = thr * (1 - orn.beta.detach())  # current that holds v at threshold
     g = torch.Generator().manual_seed(seed)
     pattern = torch.rand(B, thr.shape[0], generator=g)
     return (pattern * 3.0 * drive) + torch.randn(T, B, thr.shape[0], generator=g) * 0.3 * drive
@@ -163,12 +166,51 @@ def loss_fn(out) -> torch.Tensor:
     return ((out["DN"].mean(0) - 0.05) ** 2).sum() + ((out["MBON"].mean(0) - 0.02) ** 2).sum()
 
 
+def snntorch_loop(x: torch.Tensor, pops, projs, surrogate: str, slope: float, input_population: str = "ORN",
+                  outputs=None):
+    """The baseline: a plain snnTorch ``Leaky`` per population, stepped in
+    Python, zero reset applied detached (the semantics of the model), currents
+    summed in list order as in :func:`dmn_neuro.simulation.engine.run_reference`."""
+    import snntorch as snn
+
+    T, B, _ = x.shape
+    pops = list(pops)
+    names = [p.name for p in pops]
+    outputs = names if outputs is None else list(outputs)
+    cells, mem, prev = {}, {}, {}
+    for p in pops:
+        n = int(p.threshold.shape[0])
+        cell = snn.Leaky(beta=1.0, threshold=1.0, spike_grad=make_surrogate(surrogate, slope), init_hidden=False,
+                         reset_mechanism="none")
+        cell.beta, cell.threshold = p.beta.to(x.dtype), p.threshold.to(x.dtype)
+        cells[p.name] = cell
+        mem[p.name] = x.new_zeros(B, n)
+        prev[p.name] = x.new_zeros(B, n)
+    wts = [(q.pre, q.post, q.weight.to(x.dtype).t()) for q in projs]
+    rec = {n: [] for n in outputs}
+    for xt in x.unbind(0):
+        cur = {n: None for n in names}
+        cur[input_population] = xt
+        for pre, post, wt in wts:
+            c = prev[pre] @ wt
+            cur[post] = c if cur[post] is None else cur[post] + c
+        for p in pops:
+            n = p.name
+            c = cur[n] if cur[n] is not None else torch.zeros_like(mem[n])
+            if p.bias is not None:
+                c = c + p.bias.to(x.dtype)
+            spk, v = cells[n](c, mem[n])
+            spk = spk.to(x.dtype)
+            mem[n] = v * (1.0 - spk.detach())
+            prev[n] = spk
+            if n in rec:
+                rec[n].append(spk)
+    return {n: torch.stack(v) for n, v in rec.items()}
+
+
 def engine_projections(projs, sparse: list):
-    out = projs()
-    for q in out:
-        if f"{q['pre']}->{q['post']}" in sparse:
-            q["sparse"] = SparseStructure.from_mask(q["weight"].detach())
-    return out
+    return [q._replace(sparse=SparseStructure.from_mask(q.weight.detach())) if f"{q.pre}->{q.post}" in sparse else q
+            for q in projs()]
 
 
 def fwd_bwd(kind: str, bundle, x: torch.Tensor, checkpoint_every, sparse):
@@ -176,7 +218,7 @@ def fwd_bwd(kind: str, bundle, x: torch.Tensor, checkpoint_every, sparse):
     params = [p for p in mod.parameters() if p.requires_grad]
     t0 = time.perf_counter()
     if kind == "baseline":
-        out = run_reference(x, pops(), projs(), surrogate, slope, outputs=OUTPUTS)
+        out = snntorch_loop(x, pops(), projs(), surrogate, slope, outputs=OUTPUTS)
     else:
         out = run_layered(x, pops(), engine_projections(projs, sparse), surrogate, slope, outputs=OUTPUTS,
                           checkpoint_every=checkpoint_every)
@@ -303,8 +345,8 @@ def wholebrain(args) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.zeros(T, 1, n)
     x[:, 0, orn] = (torch.rand(T, int(orn.sum()), generator=g) < 0.3).float() * 1.5
-    pops = [{"name": "brain", "beta": torch.tensor(0.9), "threshold": torch.ones(n)}]
-    projs = [{"pre": "brain", "post": "brain", "sparse": st, "values": values}]
+    pops = [PopulationParams("brain", torch.tensor(0.9), torch.ones(n))]
+    projs = [ProjectionParams("brain", "brain", sparse=st, values=values)]
     res = {"neurons": n, "edges": st.nnz, "setup_s": setup_s, "steps": T, "batch": 1}
     for name, event in (("csr", False), ("event", True)):
         with torch.no_grad():
@@ -354,7 +396,7 @@ def main(argv=None) -> int:
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     runs = 3 if args.quick else args.runs
     bundle = build_circuit(tempfile.mkdtemp(prefix="dmn_bench_"), args.circuit)
-    sizes = {p["name"]: int(p["threshold"].shape[0]) for p in bundle[1]()}
+    sizes = {p.name: int(p.threshold.shape[0]) for p in bundle[1]()}
     log(f"circuit: {bundle[5]}; sizes {sizes}; surrogate {bundle[3]}({bundle[4]})")
     log(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"threads {args.threads}, batch {args.batch}; engine SparseStructure projections: {args.sparse or 'none'}; "

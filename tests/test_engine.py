@@ -1,4 +1,4 @@
-"""The fused engine against the snnTorch reference (LIFCell) and the NumPy spec."""
+"""The fused engine against the per-step reference (LIFCell / lif_step) and the NumPy spec."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dmn_neuro.simulation import engine
+from dmn_neuro.simulation.engine import projections, scans, sparse
 from dmn_neuro.simulation.engine import (
     SparseStructure, lif_scan, lif_scan_with_state, lif_step, run_layered, run_layered_with_state, run_reference,
     strongly_connected_groups,
@@ -21,9 +22,10 @@ SURR = [("fast_sigmoid", 25.0), ("atan", 2.0)]
 
 
 def _close(a, b, dtype, snntorch=False):
-    """Gradient comparison. snnTorch's surrogates return float32 spikes, so its
-    backward rounds dL/ds to float32 even in a float64 run: against it, float64
-    agrees to ~1e-6 only. Against the float64 autograd reference it is tight."""
+    """Gradient comparison. ``snntorch=True``: the per-step reference, whose
+    tolerance dates from when it ran on snnTorch (float32 surrogate outputs,
+    ~1e-6 in float64; tests/test_dynamics.py holds lif_step to snnTorch with
+    it). Against the float64 autograd reference it is tight."""
     if dtype == torch.float64:
         rtol, atol = (1e-5, 1e-6) if snntorch else (1e-10, 1e-12)
     else:
@@ -446,7 +448,7 @@ def test_backward_time_chunking_is_exact(monkeypatch, chunk_elements):
     x = _input(T=30, seed=18)
     leaves = circ.leaves()
     g_full = _grads(_loss(run_layered(x, circ.populations(), circ.projections(), record_membrane=True)), leaves)
-    monkeypatch.setattr(engine, "_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(scans, "_CHUNK_ELEMENTS", chunk_elements)
     g_chunk = _grads(_loss(run_layered(x, circ.populations(), circ.projections(), record_membrane=True)), leaves)
     for a, b in zip(g_chunk, g_full):
         _close(a, b, torch.float64)
@@ -464,10 +466,10 @@ def test_event_weight_grad_equals_gemm(dtype, density, monkeypatch):
     G = torch.randn(301, 37, generator=g, dtype=dtype)
     sb = torch.rand(301, 53, generator=g) < density
     ref = G.t() @ sb.to(dtype)
-    _close(engine._event_weight_grad(G, sb), ref, dtype)
-    _close(engine._weight_grad(G, sb), ref, dtype)  # whichever branch the density picks
-    monkeypatch.setattr(engine, "_EVENT_CHUNK_ELEMENTS", 37 * 5)  # 5 events per index_add
-    out = engine._event_weight_grad(G, sb)
+    _close(sparse._event_weight_grad(G, sb), ref, dtype)
+    _close(sparse._weight_grad(G, sb), ref, dtype)  # whichever branch the density picks
+    monkeypatch.setattr(sparse, "_EVENT_CHUNK_ELEMENTS", 37 * 5)  # 5 events per index_add
+    out = sparse._event_weight_grad(G, sb)
     assert out.shape == (37, 53) and out.dtype == dtype
     _close(out, ref, dtype)
 
@@ -480,14 +482,14 @@ def test_sparse_input_grad_equals_gemm(dtype, density, monkeypatch):
     g = torch.Generator().manual_seed(22)
     W = torch.randn(70, 90, generator=g, dtype=dtype) * (torch.rand(70, 90, generator=g) < density)
     G = torch.randn(333, 70, generator=g, dtype=dtype)
-    monkeypatch.setattr(engine, "_SPARSE_DGRAD_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(engine, "_SPARSE_DGRAD_DENSITY", 1.0)
-    csr = engine._sparse_weight_t(W)
+    monkeypatch.setattr(sparse, "_SPARSE_DGRAD_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(sparse, "_SPARSE_DGRAD_DENSITY", 1.0)
+    csr = sparse._sparse_weight_t(W)
     assert csr is not None and csr.layout == torch.sparse_csr
-    _close(engine._input_grad(G, W, csr), G @ W, dtype)
-    monkeypatch.setattr(engine, "_SPARSE_DGRAD_DENSITY", 0.5)
-    assert (engine._sparse_weight_t(W) is None) == (density > 0.5)
-    _close(engine._input_grad(G, W, None), G @ W, dtype)
+    _close(sparse._input_grad(G, W, csr), G @ W, dtype)
+    monkeypatch.setattr(sparse, "_SPARSE_DGRAD_DENSITY", 0.5)
+    assert (sparse._sparse_weight_t(W) is None) == (density > 0.5)
+    _close(sparse._input_grad(G, W, None), G @ W, dtype)
 
 
 _FORCE_SPARSE = {"_EVENT_WGRAD_DENSITY": 1.0, "_EVENT_WGRAD_MIN_POST": 1, "_SPARSE_DGRAD_DENSITY": 1.0,
@@ -511,7 +513,7 @@ def test_spike_kernels_match_reference(dtype, density, monkeypatch):
     for name, force in (("sparse", _FORCE_SPARSE), ("dense", _FORCE_DENSE)):
         with monkeypatch.context() as mp:
             for key, val in force.items():
-                mp.setattr(engine, key, val)
+                mp.setattr(sparse, key, val)
             out = run_layered(x, circ.populations(), circ.projections())
             for n in SIZES:
                 assert torch.equal(out[n], ref[n]), (name, n)
@@ -526,18 +528,18 @@ def test_sparse_kernels_propagate_nonfinite_like_gemm(monkeypatch):
     """NaN in the incoming gradient reaches the same entries as through the dense
     GEMM (NaN * 0 = NaN), so overflowing BPTT fails identically on both paths."""
     for key, val in _FORCE_SPARSE.items():
-        monkeypatch.setattr(engine, key, val)
+        monkeypatch.setattr(sparse, key, val)
     g = torch.Generator().manual_seed(25)
     W = torch.randn(20, 30, generator=g) * (torch.rand(20, 30, generator=g) < 0.2)
     W[:, 0] = 0.0  # a presynaptic neuron without synapses
     G = torch.randn(50, 20, generator=g)
     G[3, 4] = float("nan")
     sb = torch.rand(50, 30, generator=g) < 0.05
-    torch.testing.assert_close(engine._weight_grad(G, sb), G.t() @ sb.float(), equal_nan=True)
+    torch.testing.assert_close(sparse._weight_grad(G, sb), G.t() @ sb.float(), equal_nan=True)
     spikes = torch.rand(6, 9, 30, generator=g) < 0.05
     x = spikes.float().requires_grad_()
     w = W.clone().requires_grad_()
-    out = engine._DelayedDense.apply(x, torch.zeros(9, 30), w, None)
+    out = projections._DelayedDense.apply(x, torch.zeros(9, 30), w, None)
     gx, gw = torch.autograd.grad(out, (x, w), torch.nan_to_num(torch.full_like(out, float("nan")), nan=1.0).index_put_(
         (torch.tensor([2]), torch.tensor([1]), torch.tensor([4])), torch.tensor(float("nan"))))
     ref_x = torch.zeros(6, 9, 30)

@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dmn_neuro.simulation import engine
-from dmn_neuro.simulation.engine import kernels
+from dmn_neuro.simulation.engine import kernels, runner, scans
 from dmn_neuro.simulation.engine import run_layered, run_reference
 
 REPO = Path(__file__).resolve().parent.parent
@@ -194,20 +193,20 @@ def kernel_calls(monkeypatch):
 def group_plans(monkeypatch):
     """The plans the engine hands to its group scans (to see what was fused)."""
     plans = []
-    orig = engine._GroupScan.apply
+    orig = scans._GroupScan.apply
 
     def spy(plan, *tensors):
         plans.append(plan)
         return orig(plan, *tensors)
 
-    monkeypatch.setattr(engine._GroupScan, "apply", spy)
+    monkeypatch.setattr(scans._GroupScan, "apply", spy)
     return plans
 
 
 @pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("checkpoint_every", [None, 30])
 def test_engine_on_kernels_matches_reference(kernel_calls, group_plans, checkpoint_every, fuse, monkeypatch):
-    monkeypatch.setattr(engine, "_FUSE_PROJECTIONS", fuse)
+    monkeypatch.setattr(runner, "_FUSE_PROJECTIONS", fuse)
     circ = MidCircuit()
     x = _mid_input()
     leaves = circ.leaves()

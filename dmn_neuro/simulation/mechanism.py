@@ -368,12 +368,18 @@ class DifferentiableOlfactoryCircuit(nn.Module):
         """Tonic drive ``[n]`` of a population, or ``None``."""
         return self.biases[name] if name in self.biases else None
 
-    def population_params(self) -> List[Dict[str, object]]:
-        return [{"name": n, "beta": self.cells[n].beta, "threshold": self.cells[n].threshold, "bias": self.bias(n)}
+    def population_params(self) -> List["PopulationParams"]:
+        """The populations as the engine takes them (decay, thresholds, tonic drive)."""
+        from dmn_neuro.simulation.engine import PopulationParams
+
+        return [PopulationParams(n, self.cells[n].beta, self.cells[n].threshold, self.bias(n))
                 for n in self.population_names]
 
-    def projection_weights(self) -> List[Dict[str, object]]:
-        return [{"pre": a, "post": b, "weight": self.weight(a, b)(), "grad_mask": self.weight(a, b).mask}
+    def projection_weights(self) -> List["ProjectionParams"]:
+        """The projections as the engine takes them (effective weight, synapse mask)."""
+        from dmn_neuro.simulation.engine import ProjectionParams
+
+        return [ProjectionParams(a, b, weight=self.weight(a, b)(), grad_mask=self.weight(a, b).mask)
                 for a, b in self.projection_pairs]
 
     @property
@@ -413,7 +419,11 @@ class DifferentiableOlfactoryCircuit(nn.Module):
         """One step of all populations. ``x_t``: ORN input current ``[B, n_orn]``.
 
         Each projection reads the presynaptic spikes of the previous step
-        (``state.spikes``), as :mod:`dmn_neuro.simulation.semantics` prescribes.
+        (``state.spikes``), as :mod:`dmn_neuro.simulation.semantics` prescribes;
+        every population steps through :meth:`LIFCell.forward
+        <dmn_neuro.simulation.neurons.LIFCell.forward>`, i.e. the one
+        :func:`~dmn_neuro.simulation.neurons.lif_step`, whatever ``self.engine``
+        (which only chooses how :meth:`forward` runs a whole input).
         """
         p = params if params is not None else self.step_parameters()
         currents = {n: None for n in self.population_names}
@@ -426,55 +436,59 @@ class DifferentiableOlfactoryCircuit(nn.Module):
             cur = currents[n] if currents[n] is not None else torch.zeros_like(state.mem[n])
             if n in self.biases:
                 cur = cur + self.biases[n]
-            if self.engine == "fused":
-                from dmn_neuro.simulation.engine import lif_step
-
-                s, v = lif_step(cur, state.mem[n], p["beta"][n], p["threshold"][n], self.surrogate, self.surrogate_slope)
-            else:
-                s, v = self.cells[n](cur, state.mem[n], beta=p["beta"][n], threshold=p["threshold"][n])
+            s, v = self.cells[n](cur, state.mem[n], beta=p["beta"][n], threshold=p["threshold"][n])
             new_mem[n], new_spk[n] = v, s
         return new_spk, CircuitState(new_mem, new_spk)
 
     def forward(self, odor_input: torch.Tensor, return_activations: bool = True, engine: Optional[str] = None):
         """Open-loop run on ORN input currents ``[T, B, n_orn]``.
 
-        Returns the DN spikes ``[T, B, n_dn]``, and with ``return_activations``
-        a dict ``{"spikes": {population: [T,B,n]}, "membranes": {population:
-        [T,B,n] post-reset membranes}}``.
+        ``engine`` (default ``self.engine``): ``"fused"`` runs
+        :func:`dmn_neuro.simulation.engine.run_layered`, ``"snntorch"`` the
+        per-step reference (:meth:`step` in a loop). Returns the DN spikes
+        ``[T, B, n_dn]``, and with ``return_activations`` a dict ``{"spikes":
+        {population: [T,B,n]}, "membranes": {population: [T,B,n] post-reset
+        membranes}}``.
         """
         if odor_input.ndim != 3 or odor_input.shape[-1] != self.n_orn:
             raise ConfigError(f"odor_input must be [T, batch, {self.n_orn}], got {list(odor_input.shape)}")
         engine = engine or self.engine
-        if engine == "fused":
-            from dmn_neuro.simulation.engine import run_layered
-
-            out = run_layered(
-                odor_input, self.population_params(), self.projection_weights(),
-                surrogate=self.surrogate, slope=self.surrogate_slope, input_population=self.input_population,
-                record_membrane=return_activations,
-            )
-            spikes = {n: out[n] for n in self.population_names}
-            mems = {n: out[n + "_mem"] for n in self.population_names if n + "_mem" in out}
-        else:
-            state = self.init_state(odor_input.shape[1], like=odor_input)
-            params = self.step_parameters()
-            rec_s = {n: [] for n in self.population_names}
-            rec_v = {n: [] for n in self.population_names}
-            saved_engine, self.engine = self.engine, "snntorch"
-            try:
-                for x_t in odor_input.unbind(0):
-                    spk, state = self.step(x_t, state, params)
-                    for n in self.population_names:
-                        rec_s[n].append(spk[n])
-                        rec_v[n].append(state.mem[n])
-            finally:
-                self.engine = saved_engine
-            spikes = {n: torch.stack(v) for n, v in rec_s.items()}
-            mems = {n: torch.stack(v) for n, v in rec_v.items()}
+        if engine not in ENGINES:
+            raise ConfigError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+        run = self._run_fused if engine == "fused" else self._run_stepped
+        spikes, mems = run(odor_input, return_activations)
         dn = spikes[self.output_population]
         if not return_activations:
             return dn
         return dn, {"spikes": spikes, "membranes": mems}
+
+    def _run_fused(self, odor_input: torch.Tensor, record_membrane: bool):
+        """``(spikes, membranes)`` by population through the fused engine."""
+        from dmn_neuro.simulation.engine import run_layered
+
+        out = run_layered(
+            odor_input, self.population_params(), self.projection_weights(),
+            surrogate=self.surrogate, slope=self.surrogate_slope, input_population=self.input_population,
+            record_membrane=record_membrane,
+        )
+        spikes = {n: out[n] for n in self.population_names}
+        mems = {n: out[n + "_mem"] for n in self.population_names if n + "_mem" in out}
+        return spikes, mems
+
+    def _run_stepped(self, odor_input: torch.Tensor, record_membrane: bool):
+        """``(spikes, membranes)`` by population, one :meth:`step` at a time."""
+        state = self.init_state(odor_input.shape[1], like=odor_input)
+        params = self.step_parameters()
+        rec_s = {n: [] for n in self.population_names}
+        rec_v = {n: [] for n in self.population_names}
+        for x_t in odor_input.unbind(0):
+            spk, state = self.step(x_t, state, params)
+            for n in self.population_names:
+                rec_s[n].append(spk[n])
+                rec_v[n].append(state.mem[n])
+        spikes = {n: torch.stack(v) for n, v in rec_s.items()}
+        mems = {n: torch.stack(v) for n, v in rec_v.items()}
+        return spikes, mems
 
     # -- export --------------------------------------------------------------
     def to_spec(self, metadata: Optional[Dict[str, object]] = None) -> CircuitSpec:
