@@ -136,6 +136,22 @@ def round_weight(w_vth, sign_mode: str, bits: int):
     return clamp(round_half_even(w_vth / step) * step, lo, hi)
 
 
+def int_to_weight(w_int, theta_over_vth, weight_exp: int = 0):
+    """The float weight an integer synapse represents: ``w_int 2^weight_exp theta / vth``
+    (activations enter as ``a << ACT_SHIFT``, the threshold is ``vth << VTH_SHIFT``)."""
+    return w_int * (2.0 ** (weight_exp + ACT_SHIFT - VTH_SHIFT)) * theta_over_vth
+
+
+def int_to_bias(effective_bias, theta_over_vth):
+    """The float bias an effective bias ``bias_mant << bias_exp`` represents: ``b / 2^VTH_SHIFT theta / vth``."""
+    return effective_bias / float(1 << VTH_SHIFT) * theta_over_vth
+
+
+def membrane_lsb(vth):
+    """One step of Loihi's membrane, in thresholds: ``1 / (vth << VTH_SHIFT)``."""
+    return 1.0 / ((1 << VTH_SHIFT) * float(vth))
+
+
 def sign_mode_of(w: np.ndarray) -> str:
     """Same rule as ``lava.utils.weightutils.determine_sign_mode``."""
     if w.size == 0 or w.min() >= 0:

@@ -57,9 +57,9 @@ from dmn_neuro.errors import ExportError
 from dmn_neuro.simulation.semantics import NeuronSemantics
 from dmn_neuro.simulation.spec import CircuitSpec, PopulationSpec, ProjectionSpec
 
-from dmn_neuro.simulation.fixed_point import (ACT_SHIFT, DECAY_UNITY, DU_NO_FILTER, FixedPointSpec, below_vth,
-                                              bias_to_mant, decay_to_dv, dv_to_beta, quantize, round_weight,
-                                              weight_step)
+from dmn_neuro.simulation.fixed_point import (BIAS_EXP, DECAY_UNITY, DU_NO_FILTER, DV_MIN, FixedPointSpec, below_vth,
+                                              bias_to_mant, decay_to_dv, dv_to_beta, int_to_bias, int_to_weight,
+                                              membrane_lsb, quantize, round_weight, weight_step)
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +89,11 @@ def dequantize(fps: FixedPointSpec, like: Optional[CircuitSpec] = None) -> Circu
     for p in fps.populations:
         if p.du != DU_NO_FILTER:
             raise ExportError(f"population {p.name}: du={p.du} (a synaptic filter) has no counterpart in the float model")
-        if p.dv == 0:
+        if p.dv < DV_MIN:
             raise ExportError(f"population {p.name}: dv=0 means beta=1, which the float model cannot represent")
         src = like.population(p.name) if like is not None else None
         scale = p.threshold / float(p.vth)
-        bias = p.effective_bias.astype(np.float64) / float(1 << ACT_SHIFT) * scale
+        bias = int_to_bias(p.effective_bias.astype(np.float64), scale)
         pops.append(PopulationSpec(
             name=p.name, n=p.n, beta=dv_to_beta(p.dv), threshold=p.threshold.copy(), bias=bias,
             cell_types=list(p.cell_types) or (list(src.cell_types) if src is not None else ()),
@@ -104,7 +104,7 @@ def dequantize(fps: FixedPointSpec, like: Optional[CircuitSpec] = None) -> Circu
     projs: List[ProjectionSpec] = []
     for q in fps.projections:
         post = vth[q.post]
-        w = q.weight.astype(np.float64) * (2.0 ** q.weight_exp) * (post.threshold / float(post.vth))[:, None]
+        w = int_to_weight(q.weight.astype(np.float64), (post.threshold / float(post.vth))[:, None], q.weight_exp)
         w = _guard_vth(w, post.threshold, post.vth, q.sign_mode, q.num_weight_bits)
         prov = "model"
         if like is not None:
@@ -193,7 +193,7 @@ def compensated_spec(fps: FixedPointSpec, like: Optional[CircuitSpec] = None,
         if fp.name == fps.input_population:
             continue  # the input is real-valued and rounded on Loihi; it cannot be scaled here
         sp = spec.population(fp.name)
-        lsb = 1.0 / ((1 << ACT_SHIFT) * float(fp.vth))
+        lsb = membrane_lsb(fp.vth)
         # quantize rounds the bias in mantissa units of 2**bias_exp LSB
         b_off = float(truncation_bias_lsb) / np.exp2(fp.bias_exp.astype(np.float64))
         if np.any(b_off >= _SLACK) or truncation_bias_lsb < 0:
@@ -413,7 +413,7 @@ class _FakeQuantBias(nn.Module):
         with torch.no_grad():
             theta = fq.circuit.cells[self.name].threshold.detach().to(b.dtype)
             vth = float(fq.vth[self.name])
-            bq = bias_to_mant(b / theta * vth) * (theta / vth)  # as quantize, then dequantize
+            bq = int_to_bias(bias_to_mant(b / theta * vth) * (1 << BIAS_EXP), theta / vth)  # quantize, dequantize
         return b + (bq - b).detach()
 
 
@@ -471,7 +471,7 @@ class FakeQuantization:
             with torch.no_grad():
                 vth = float(self.vth[post])
                 theta = self.circuit.cells[post].threshold.detach().to(w.dtype)[:, None]
-                wq = round_weight(w / theta * vth, mode, bits) * (theta / vth)  # as quantize, then dequantize
+                wq = int_to_weight(round_weight(w / theta * vth, mode, bits), theta / vth)  # quantize, dequantize
             return w + (wq - w).detach()
         return forward
 
