@@ -32,7 +32,7 @@ from dmn_neuro.errors import ExportError
 from dmn_neuro.simulation.semantics import LAVA_INPUT_DELAY_STEPS, lava_lif_parameters
 from dmn_neuro.simulation.spec import CircuitSpec, read_npz_arrays
 
-from dmn_neuro.simulation.fixed_point import DECAY_SHIFT, DECAY_UNITY, MAX_UV, FixedPointSpec, quantize
+from dmn_neuro.simulation.fixed_point import DECAY_UNITY, MAX_UV, FixedPointSpec, decay_trunc, quantize
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +85,7 @@ def _fixed_v_init(name: str, eff_bias: np.ndarray, dv: int) -> np.ndarray:
             continue
         guess = int(tgt) * DECAY_UNITY // k
         for cand in sorted(range(guess - 2, guess + 3), key=abs):
-            prod = cand * k
-            if int(np.sign(prod)) * (abs(prod) >> DECAY_SHIFT) == tgt:
+            if int(decay_trunc(np.int64(cand), int(dv))) == tgt:
                 v0[i] = cand
                 break
         else:  # pragma: no cover - every integer is reachable for 1 <= k <= 4096

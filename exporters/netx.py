@@ -34,11 +34,9 @@ import numpy as np
 
 from dmn_neuro.errors import ExportError
 
-from dmn_neuro.simulation.fixed_point import FixedPointSpec
+from dmn_neuro.simulation.fixed_point import NETX_BIAS_EXP, FixedPointSpec
 
 logger = logging.getLogger(__name__)
-
-NETX_BIAS_EXP = 6
 
 
 def feedforward_chain(fps: FixedPointSpec) -> List[str]:

@@ -181,3 +181,37 @@ def test_netx_loads_and_matches_emulator_without_apl(tmp_path):
     em = simulate_fixed(fps, x)["DN"][:, 0, :]
     # model DN[t] appears at netx step t + 1 (input hop) -> row t + 1
     np.testing.assert_array_equal(dn[1:1 + em.shape[0]], em)
+
+
+def test_decay_clamp_is_one_to_4095_everywhere():
+    """dv = 0 (beta = 1) is a valid Lava register value but has no float counterpart, so the quantiser
+    and QAT both clamp to [1, 4095]; a decay that rounds to 0 becomes 1 and stays dequantisable."""
+    from dmn_neuro.simulation.fixed_point import DV_MAX, DV_MIN, decay_to_dv, dv_to_beta
+    from dmn_neuro.training.qat import dequantize
+
+    assert (DV_MIN, DV_MAX) == (1, DECAY_UNITY - 1)
+    betas = [0.0, 0.3, 0.5, 1 - 0.4 / DECAY_UNITY, 1 - 1e-9]
+    want = [DV_MAX, 2867, 2048, DV_MIN, DV_MIN]
+    assert [int(decay_to_dv(b)) for b in betas] == want
+    assert decay_to_dv(torch.tensor(betas, dtype=torch.float64)).tolist() == want
+    spec = small_spec()
+    spec.population("APL").beta = 1 - 1e-6  # tau = 1e6 steps
+    fps = quantize(spec)
+    assert fps.population("APL").dv == DV_MIN
+    assert dequantize(fps).population("APL").beta == dv_to_beta(DV_MIN)
+
+
+def test_integer_step_is_identical_in_numpy_and_torch():
+    """lif_step_fixed is one definition for both libraries, including the int32 and 24-bit wraps."""
+    from dmn_neuro.simulation.fixed_point import MAX_UV, lif_step_fixed
+
+    rng = np.random.default_rng(3)
+    v = rng.integers(-MAX_UV + 1, MAX_UV, (4, 500), dtype=np.int64)
+    a = rng.integers(-(1 << 26), 1 << 26, (4, 500), dtype=np.int64)  # beyond 24 bits after << 6: wraps
+    bias = rng.integers(-(1 << 18), 1 << 18, 500, dtype=np.int64)
+    for dv, vth in ((1, 1), (300, 250), (4095, 131071)):
+        vn, s = lif_step_fixed(v, a, dv, bias, vth)
+        vt, st = lif_step_fixed(torch.as_tensor(v), torch.as_tensor(a), dv, torch.as_tensor(bias), vth)
+        np.testing.assert_array_equal(vt.numpy(), vn)
+        np.testing.assert_array_equal(st.numpy(), s)
+        assert s.any() and not s.all() and vn.min() >= -MAX_UV + 1 and vn.max() <= MAX_UV - 1

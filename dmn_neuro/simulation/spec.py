@@ -8,8 +8,10 @@ It is saved as one ``.npz`` (numbers) with a JSON header inside (no pickle), so
 that the Python 3.10 Lava worker can read it with numpy 1.26.
 
 :func:`simulate` is the NumPy reference of the dynamics documented in
-:mod:`dmn_neuro.simulation.semantics`; the PyTorch paths, the NIR loader and the Lava
-worker are all tested against it.
+:mod:`dmn_neuro.simulation.semantics`, and the only float LIF update in NumPy in
+dmn_neuro and exporters (``exporters.nir_import.run_nir`` executes NIR nodes
+independently, on purpose). The PyTorch paths, the NIR executor and the Lava
+worker are all tested against it (``tests/test_simulators_agree.py``).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Dict, List, Mapping, Sequence
 import numpy as np
 
 from dmn_neuro.errors import DMNError
-from dmn_neuro.simulation.semantics import NeuronSemantics
+from dmn_neuro.simulation.semantics import RESET_VALUE, NeuronSemantics
 
 SPEC_FORMAT = "dmn-neuro-circuit-spec"
 SPEC_FORMAT_VERSION = 1
@@ -245,7 +247,7 @@ def simulate(spec: CircuitSpec, x: np.ndarray, record_membrane: bool = False, dt
         for p in pops:
             vn = p.beta * v[p.name] + cur[p.name] + p.bias
             s = vn > p.threshold
-            vn = np.where(s, 0.0, vn)
+            vn = np.where(s, RESET_VALUE, vn)
             v[p.name] = vn
             s_prev[p.name] = s.astype(dtype)
             out[p.name][t] = s

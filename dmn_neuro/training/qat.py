@@ -57,8 +57,9 @@ from dmn_neuro.errors import ExportError
 from dmn_neuro.simulation.semantics import NeuronSemantics
 from dmn_neuro.simulation.spec import CircuitSpec, PopulationSpec, ProjectionSpec
 
-from dmn_neuro.simulation.fixed_point import (ACT_SHIFT, BIAS_MANT_MAX, BIAS_MANT_MIN, DECAY_UNITY, DU_NO_FILTER, FixedPointSpec,
-                          _weight_range, _weight_step, quantize)
+from dmn_neuro.simulation.fixed_point import (BIAS_EXP, DECAY_UNITY, DU_NO_FILTER, DV_MIN, FixedPointSpec, below_vth,
+                                              bias_to_mant, decay_to_dv, dv_to_beta, int_to_bias, int_to_weight,
+                                              membrane_lsb, quantize, round_weight, weight_step)
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +89,13 @@ def dequantize(fps: FixedPointSpec, like: Optional[CircuitSpec] = None) -> Circu
     for p in fps.populations:
         if p.du != DU_NO_FILTER:
             raise ExportError(f"population {p.name}: du={p.du} (a synaptic filter) has no counterpart in the float model")
-        if p.dv == 0:
+        if p.dv < DV_MIN:
             raise ExportError(f"population {p.name}: dv=0 means beta=1, which the float model cannot represent")
         src = like.population(p.name) if like is not None else None
         scale = p.threshold / float(p.vth)
-        bias = p.effective_bias.astype(np.float64) / float(1 << ACT_SHIFT) * scale
+        bias = int_to_bias(p.effective_bias.astype(np.float64), scale)
         pops.append(PopulationSpec(
-            name=p.name, n=p.n, beta=1.0 - p.dv / DECAY_UNITY, threshold=p.threshold.copy(), bias=bias,
+            name=p.name, n=p.n, beta=dv_to_beta(p.dv), threshold=p.threshold.copy(), bias=bias,
             cell_types=list(p.cell_types) or (list(src.cell_types) if src is not None else ()),
             root_ids=None if src is None else src.root_ids.copy(),
             provenance="model" if src is None else src.provenance,
@@ -103,7 +104,7 @@ def dequantize(fps: FixedPointSpec, like: Optional[CircuitSpec] = None) -> Circu
     projs: List[ProjectionSpec] = []
     for q in fps.projections:
         post = vth[q.post]
-        w = q.weight.astype(np.float64) * (2.0 ** q.weight_exp) * (post.threshold / float(post.vth))[:, None]
+        w = int_to_weight(q.weight.astype(np.float64), (post.threshold / float(post.vth))[:, None], q.weight_exp)
         w = _guard_vth(w, post.threshold, post.vth, q.sign_mode, q.num_weight_bits)
         prov = "model"
         if like is not None:
@@ -120,11 +121,8 @@ def dequantize(fps: FixedPointSpec, like: Optional[CircuitSpec] = None) -> Circu
 def _guard_vth(w: np.ndarray, theta: np.ndarray, vth: int, sign_mode: str, bits: int) -> np.ndarray:
     """Move weights that sit exactly on ``vth``'s bound by one ulp towards 0 where float rounding
     would make :func:`quantize`'s ``floor(bound / max(w / theta))`` return ``vth - 1``."""
-    lo, hi = _weight_range(sign_mode, bits)
     for _ in range(MAX_NUDGES):
-        folded = w / theta[:, None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            bad = ((folded > 0) & (hi / folded < vth)) | ((folded < 0) & (-lo / -folded < vth))
+        bad = below_vth(w / theta[:, None], vth, sign_mode, bits)
         if not np.any(bad):
             return w
         w = np.where(bad, np.nextafter(w, 0.0), w)
@@ -195,7 +193,7 @@ def compensated_spec(fps: FixedPointSpec, like: Optional[CircuitSpec] = None,
         if fp.name == fps.input_population:
             continue  # the input is real-valued and rounded on Loihi; it cannot be scaled here
         sp = spec.population(fp.name)
-        lsb = 1.0 / ((1 << ACT_SHIFT) * float(fp.vth))
+        lsb = membrane_lsb(fp.vth)
         # quantize rounds the bias in mantissa units of 2**bias_exp LSB
         b_off = float(truncation_bias_lsb) / np.exp2(fp.bias_exp.astype(np.float64))
         if np.any(b_off >= _SLACK) or truncation_bias_lsb < 0:
@@ -203,7 +201,7 @@ def compensated_spec(fps: FixedPointSpec, like: Optional[CircuitSpec] = None,
         hmax = (_SLACK - b_off) / np.maximum(1.0, np.abs(fp.bias_mant.astype(np.float64)))
         for q in fps.projections:
             if q.post == fp.name and q.weight.size:
-                step = float(_weight_step(q.sign_mode, q.num_weight_bits))
+                step = float(weight_step(q.sign_mode, q.num_weight_bits))
                 hmax = np.minimum(hmax, _SLACK * step / np.maximum(1.0, np.abs(q.weight).max(axis=1)))
         h = np.clip(np.minimum(hmax, float(threshold_margin_lsb) * lsb), 0.0, None)
         sp.bias = (sp.bias - float(truncation_bias_lsb) * lsb * sp.threshold) / (1.0 + h)
@@ -279,13 +277,9 @@ def _nudge_limiting_weights(circuit, target_fps: FixedPointSpec, names: Sequence
     for q in target_fps.projections:
         if q.post not in names:
             continue
-        vth = float(target_fps.population(q.post).vth)
-        lo, hi = _weight_range(q.sign_mode, q.num_weight_bits)
         folded = spec.projections[[p.name for p in spec.projections].index(q.name)].weight \
             / spec.population(q.post).threshold[:, None]
-        with np.errstate(divide="ignore"):
-            bad = ((folded > 0) & (hi / np.where(folded > 0, folded, 1.0) < vth)) | \
-                  ((folded < 0) & (-lo / np.where(folded < 0, -folded, 1.0) < vth))
+        bad = below_vth(folded, target_fps.population(q.post).vth, q.sign_mode, q.num_weight_bits)
         if not np.any(bad):
             continue
         cw = circuit.weight(q.pre, q.post)
@@ -398,10 +392,9 @@ class _FakeQuantBeta(nn.Module):
         if not self._fq[0].active:
             return raw
         with torch.no_grad():
-            beta = torch.sigmoid(raw)
-            dv = torch.clamp(torch.round((1.0 - beta) * DECAY_UNITY), 1, DECAY_UNITY - 1)
-            bq = 1.0 - dv / DECAY_UNITY
-            raw_q = torch.log(bq) - torch.log1p(-bq)
+            # beta as to_spec() hands it to quantize: the circuit's sigmoid, then float64
+            bq = dv_to_beta(decay_to_dv(torch.sigmoid(raw).double()))
+            raw_q = (torch.log(bq) - torch.log1p(-bq)).to(raw.dtype)
         return raw + (raw_q - raw).detach()
 
 
@@ -420,8 +413,7 @@ class _FakeQuantBias(nn.Module):
         with torch.no_grad():
             theta = fq.circuit.cells[self.name].threshold.detach().to(b.dtype)
             vth = float(fq.vth[self.name])
-            mant = torch.clamp(torch.round(b / theta * vth), BIAS_MANT_MIN, BIAS_MANT_MAX)
-            bq = mant * theta / vth
+            bq = int_to_bias(bias_to_mant(b / theta * vth) * (1 << BIAS_EXP), theta / vth)  # quantize, dequantize
         return b + (bq - b).detach()
 
 
@@ -476,11 +468,10 @@ class FakeQuantization:
             if not self._active:
                 return w
             mode, bits = self.modes[name]
-            step = float(_weight_step(mode, bits))
-            lo, hi = _weight_range(mode, bits)
             with torch.no_grad():
-                s = float(self.vth[post]) / self.circuit.cells[post].threshold.detach().to(w.dtype)[:, None]
-                wq = torch.clamp(torch.round(w * s / step) * step, lo, hi) / s
+                vth = float(self.vth[post])
+                theta = self.circuit.cells[post].threshold.detach().to(w.dtype)[:, None]
+                wq = int_to_weight(round_weight(w / theta * vth, mode, bits), theta / vth)  # quantize, dequantize
             return w + (wq - w).detach()
         return forward
 

@@ -251,6 +251,8 @@ def run(args):
     xin[:k] = x[:k]
     scale = _arr(arrays, manifest["input"]["scale"]).astype(np.float64)
     if manifest["input"].get("quantise"):
+        # dmn_neuro.simulation.fixed_point.quantise_input, repeated: this env cannot import dmn_neuro.
+        # Every other integer (weights, dv, vth, bias, v_init) comes from the graph file.
         lim = int(manifest["input"]["limit"])
         src = np.clip(np.rint(xin * scale), -lim, lim).astype(np.int32)
     else:
