@@ -318,3 +318,58 @@ def agent_loss_sparsity(ro: Rollout) -> float:
 
     return float(kc_population_sparsity(ro.activations["KC"]))
 
+
+# -- first training loop: ``python -m dmn_neuro.training.optimizer`` ---------------------
+#: A config small enough to train in seconds on a CPU (the bundled FlyWire
+#: mushroom body; 60 steps of 2 ms, batch 2). Behaviour only: a handful of
+#: episodes does not teach the circuit to navigate.
+FIRST_RUN_CONFIG = dict(
+    episode_length_steps=60, batch_size=2, seed=0, device="cpu", checkpoint_every=1000,
+    circuit={"dt_ms": 2.0, "projection_gains": {"ORN->PN": 3.0, "KC->MBON": 50.0}, "bias": {"DN": 0.5}},
+    environment={"encoding": "poisson"},
+)
+
+
+def main(argv: Optional[List[str]] = None) -> Path:
+    """Run a short first training loop with a progress bar; returns the checkpoint path."""
+    import argparse
+
+    from tqdm import tqdm
+
+    p = argparse.ArgumentParser(
+        prog="python -m dmn_neuro.training.optimizer",
+        description="First training loop: a few BPTT episodes of a tiny config on the bundled connectome. "
+                    "Writes OUT/metrics.jsonl and OUT/checkpoints/{best,last}.")
+    p.add_argument("--episodes", type=int, default=5, help="training episodes (optimiser steps) [5]")
+    p.add_argument("--out", type=Path, default=Path("dmn_first_run"), help="run directory [./dmn_first_run]")
+    p.add_argument("--steps", type=int, default=None, help="episode length in steps [60]")
+    p.add_argument("--batch-size", type=int, default=None, help="arena episodes per optimiser step [2]")
+    p.add_argument("--config", type=Path, default=None, help="TrainingConfig YAML instead of the tiny built-in one")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    args = p.parse_args(argv)
+    if args.episodes < 1:
+        p.error(f"--episodes must be >= 1, got {args.episodes}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = TrainingConfig.from_yaml(args.config) if args.config else TrainingConfig(**FIRST_RUN_CONFIG)
+    cfg = base.replace(num_episodes=args.episodes, episode_length_steps=args.steps, batch_size=args.batch_size)
+    torch.manual_seed(cfg.seed)
+    circuit, encoder, arena, _agent, loss_fn = build_components(cfg)
+    trainer = DMNTrainer(circuit, loss_fn, cfg, environment=arena, encoder=encoder)
+    out = Path(args.out)
+    if (out / "metrics.jsonl").exists():
+        p.error(f"{out} already holds a run; choose another --out")
+    with tqdm(total=cfg.num_episodes, desc="training", unit="episode") as bar:
+        def progress(rec: Dict[str, float]) -> None:
+            bar.set_postfix(loss=f"{rec['total']:.3f}", success=f"{rec['success_rate']:.2f}")
+            bar.update(1)
+
+        trainer.train_episode(cfg.num_episodes, out_dir=out, progress=progress)
+    path = trainer.save_checkpoint(out / "checkpoints" / "last")
+    print(f"wrote checkpoint {path} (episode {trainer.episode}); evaluate it with: "
+          f"python -m dmn_neuro.cli evaluate {path}")
+    return path
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised as a subprocess in the tests
+    main()
