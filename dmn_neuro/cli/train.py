@@ -123,7 +123,10 @@ def evaluate(checkpoint, episodes, seed, steps, odor_removed, device, out_dir, a
                          device=dev, return_rollouts=True)
     rollouts = res.pop("rollouts")
     res["checkpoint"] = str(checkpoint)
-    out = Path(out_dir) if out_dir else Path(str(Path(checkpoint)).rstrip("/") + "_eval")
+    ck_path = Path(str(checkpoint).rstrip("/"))
+    if ck_path.suffix == ".pt":  # single-file checkpoint: best_model.pt -> best_model_eval
+        ck_path = ck_path.with_suffix("")
+    out = Path(out_dir) if out_dir else Path(str(ck_path) + "_eval")
     out.mkdir(parents=True, exist_ok=True)
     tag = "odor_removed" if odor_removed else "evaluation"
     plots.trajectories(rollouts, arena, out / f"{tag}_trajectories.png",
