@@ -27,9 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# Run from a checkout, the example uses the packages of that checkout (not another
+# installed copy, e.g. an editable install of a different worktree).
+_CHECKOUT = Path(__file__).resolve().parent.parent
+if (_CHECKOUT / "dmn_neuro" / "__init__.py").is_file() and str(_CHECKOUT) not in sys.path:
+    sys.path.insert(0, str(_CHECKOUT))
+
 from connectome.adjacency_matrix import AdjacencyMatrixGenerator
 from connectome.fetch_data import FlyWireConnectome
-from dmn_neuro.environment.arena import ArenaConfig, OdorArena
+from dmn_neuro.environment.arena import OdorArena
 from dmn_neuro.simulation.mechanism import CIRCUIT_PROJECTIONS, POPULATION_ORDER, DifferentiableOlfactoryCircuit
 from dmn_neuro.training.config import TrainingConfig
 from dmn_neuro.errors import DMNError
@@ -63,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def step_connectome(cfg: TrainingConfig, cache_dir, out: Path):
     """1. Connectome: fetch the olfactory circuit and report projection sparsity."""
     fetcher = FlyWireConnectome(cache_dir=cache_dir)
-    data = fetcher.fetch_olfactory_circuit(include_layers=list(POPULATION_ORDER), source=cfg.source, **cfg.source_options)
+    cc = cfg.connectome
+    data = fetcher.fetch_olfactory_circuit(include_layers=list(POPULATION_ORDER), source=cc.source, **cc.source_options)
     adj = AdjacencyMatrixGenerator()
     sizes = {k: int(v) for k, v in data.layer_sizes.items() if k in POPULATION_ORDER}
     print(f"[connectome] {data.source} {data.version}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
@@ -81,10 +88,11 @@ def step_connectome(cfg: TrainingConfig, cache_dir, out: Path):
 
 def step_circuit(cfg: TrainingConfig, data) -> DifferentiableOlfactoryCircuit:
     """2. Circuit: masked, sign-constrained LIF circuit from the connectome."""
+    c = cfg.circuit
     circuit = DifferentiableOlfactoryCircuit(
-        data, dt_ms=cfg.dt_ms, learnable_tau=cfg.learnable_tau, learnable_threshold=cfg.learnable_threshold,
-        surrogate=cfg.surrogate, surrogate_slope=cfg.surrogate_slope, projection_gains=cfg.projection_gains,
-        engine=cfg.engine, bias=cfg.bias,
+        data, dt_ms=c.dt_ms, learnable_tau=c.learnable_tau, learnable_threshold=c.learnable_threshold,
+        surrogate=c.surrogate, surrogate_slope=c.surrogate_slope, projection_gains=c.projection_gains,
+        engine=c.engine, bias=c.bias,
     )
     n_params = sum(p.numel() for p in circuit.parameters() if p.requires_grad)
     print(f"[circuit] populations {circuit.population_names}, {n_params} learnable parameters")
@@ -93,16 +101,15 @@ def step_circuit(cfg: TrainingConfig, data) -> DifferentiableOlfactoryCircuit:
 
 def step_task(cfg: TrainingConfig, circuit):
     """3. Task: odor encoder (Hallem & Carlson), arena, and the four-term loss."""
-    encoder = OdorEncoder(circuit.orn_glomeruli, odors=list(cfg.odors) or None, dt_ms=cfg.dt_ms, encoding=cfg.encoding,
-                          hill_k=cfg.hill_k, current_per_hz=cfg.current_per_hz or default_current_per_hz(circuit))
-    arena_kw = dict(cfg.arena)
-    if cfg.odors:
-        arena_kw.setdefault("odors", tuple(cfg.odors))
-    arena = OdorArena(ArenaConfig(**arena_kw), dt_ms=cfg.dt_ms, encoder=encoder)
+    env, dt_ms = cfg.environment, cfg.circuit.dt_ms
+    encoder = OdorEncoder(circuit.orn_glomeruli, odors=list(env.odors) or None, dt_ms=dt_ms, encoding=env.encoding,
+                          hill_k=env.hill_k, current_per_hz=env.current_per_hz or default_current_per_hz(circuit))
+    arena = OdorArena(env.arena_config(), dt_ms=dt_ms, encoder=encoder)
+    lc = cfg.loss
     loss_fn = CombinedLoss(
-        navigation_weight=cfg.navigation_weight, energy_weight=cfg.energy_weight, sparsity_weight=cfg.sparsity_weight,
-        activity_weight=cfg.activity_weight, goal_position=tuple(arena.config.goal_mm),
-        kc_sparsity_target=cfg.kc_sparsity_target, dt_ms=cfg.dt_ms,
+        navigation_weight=lc.navigation_weight, energy_weight=lc.energy_weight, sparsity_weight=lc.sparsity_weight,
+        activity_weight=lc.activity_weight, goal_position=tuple(arena.config.goal_mm),
+        kc_sparsity_target=lc.kc_sparsity_target, dt_ms=dt_ms,
     )
     print(f"[task] odors {list(arena.config.odors)}, goal {arena.config.goal_mm} mm, "
           f"success radius {arena.success_radius:.2f} mm")
@@ -114,7 +121,7 @@ def evaluate(trainer: DMNTrainer, n_episodes: int, seed: int) -> dict:
     ro = trainer.rollout_episode(batch_size=n_episodes, seed=seed, episode=0, stream=EVAL_STREAM)
     m = TrajectoryAnalyzer().compute_trajectory_metrics(
         ro.positions, ro.velocities, ro.source, success_radius_mm=trainer.environment.success_radius,
-        dt_ms=trainer.config.dt_ms)
+        dt_ms=trainer.config.circuit.dt_ms)
     keys = ("success_rate", "final_distance_to_goal_mean", "mean_distance_to_goal_mean", "exploration_area_mean",
             "path_length_mean", "success_radius_mm")
     out = {k: float(m[k]) for k in keys}

@@ -2,7 +2,6 @@
 from pathlib import Path
 
 import torch
-import yaml
 
 from dmn_neuro.training.config import TrainingConfig
 from dmn_neuro.training.optimizer import DMNTrainer, build_components
@@ -12,10 +11,8 @@ TINY_YAML = REPO / "examples" / "configs" / "tiny.yaml"
 
 
 def tiny_config(**overrides) -> TrainingConfig:
-    d = yaml.safe_load(TINY_YAML.read_text())
-    d.update(device="cpu")
-    d.update(overrides)
-    return TrainingConfig.from_dict(d)
+    """examples/configs/tiny.yaml on the CPU, with ``overrides`` (flat or section spellings; None kept)."""
+    return TrainingConfig.from_yaml(TINY_YAML).with_values(device="cpu", **overrides)
 
 
 def make_trainer(cfg: TrainingConfig) -> DMNTrainer:

@@ -142,6 +142,103 @@ def test_untrained_checkpoint_without_optimizer(tmp_path):
     assert tr.episode == 0
 
 
+# -- single-file (.pt) checkpoints ---------------------------------------------------
+def _pickle_free(data: bytes) -> bool:
+    """No pickle stream: pickles of protocol 2+ start with PROTO (0x80) and end with STOP ('.')."""
+    return not data.startswith(b"\x80")
+
+
+def test_single_file_checkpoint_round_trip_without_pickle(trained, tmp_path):
+    import zipfile
+
+    tr, _ = trained
+    path = tr.save_checkpoint(tmp_path / "best_model.pt")
+    assert path == tmp_path / "best_model.pt" and path.is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["best_model.pt"], "no temporary files are left behind"
+    with zipfile.ZipFile(path) as zf:
+        infos = zf.infolist()
+        assert sorted(i.filename for i in infos) == sorted(ckpt.MEMBERS)
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in infos)
+        assert all(_pickle_free(zf.read(i.filename)) for i in infos)
+        assert not any(i.filename.endswith(".pkl") for i in infos)
+        meta = json.loads(zf.read("checkpoint.json"))
+    assert meta["format_version"] == ckpt.FORMAT_VERSION and TrainingConfig.from_dict(meta["config"]) == tr.config
+    circuit, ck = load_circuit(path)
+    sd0, sd1 = tr.circuit.state_dict(), circuit.state_dict()
+    assert sd0.keys() == sd1.keys() and all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+    # the same content as the directory form
+    d = tr.save_checkpoint(tmp_path / "dir_form")
+    ck_dir = read_checkpoint(d)
+    assert ck["meta"] == ck_dir["meta"]
+    for part in ("model", "optimizer", "rng"):
+        assert ck[part].keys() == ck_dir[part].keys()
+        assert all(torch.equal(ck[part][k], ck_dir[part][k]) for k in ck[part])
+    # a trainer resumes from it: weights, optimiser state, counters
+    fresh = make_trainer(tiny_config())
+    fresh.load_checkpoint(path)
+    assert fresh.episode == tr.episode and fresh.loss_history == tr.loss_history
+    s0, s1 = tr.optimizer.state_dict(), fresh.optimizer.state_dict()
+    for idx in s0["state"]:
+        for k, v in s0["state"][idx].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(s1["state"][idx][k])), (idx, k)
+    # overwriting keeps one file
+    tr.save_checkpoint(path)
+    assert path.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["best_model.pt", "dir_form"]
+
+
+def test_single_file_that_is_not_ours_is_refused(trained, tmp_path):
+    import zipfile
+
+    p = tmp_path / "other.pt"
+    with zipfile.ZipFile(p, "w") as zf:  # shaped like a torch.save archive, which would need unpickling
+        zf.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+    with pytest.raises(CheckpointError, match="not a dmn-neuro checkpoint") as exc:
+        load_circuit(p)
+    _one_line(exc)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x80\x02not a zip")
+    with pytest.raises(CheckpointError, match="directory or a .pt file") as exc:
+        read_checkpoint(junk)
+    _one_line(exc)
+    # a damaged member inside the archive is reported like in a directory
+    good = trained[0].save_checkpoint(tmp_path / "good.pt")
+    bad = tmp_path / "bad.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+        for name in src.namelist():
+            data = src.read(name)
+            dst.writestr(name, data[: len(data) // 2] if name == "model.safetensors" else data)
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupt") as exc:
+        load_circuit(bad)
+    _one_line(exc)
+
+
+def test_old_flat_config_checkpoint_still_loads(ck_copy, trained):
+    """Checkpoints written before the config had sections (format 1, flat config)."""
+    from dmn_neuro.training.config import FLAT_KEYS, RUN_FIELDS
+
+    tr = trained[0]
+
+    def to_flat(m):
+        c = tr.config
+        m["format_version"] = 1
+        flat = {k: getattr(c, k) for k in RUN_FIELDS}
+        flat.update({k: json.loads(json.dumps(getattr(c, k), default=list)) for k in FLAT_KEYS})
+        # the old format stored arena overrides on top of the old defaults: write them all
+        m["config"] = flat
+
+    _edit_meta(ck_copy, to_flat)
+    meta = json.loads((ck_copy / "checkpoint.json").read_text())
+    assert "connectome" not in meta["config"] and "learning_rate" in meta["config"]
+    _, ck = load_circuit(ck_copy)
+    assert TrainingConfig.from_dict(ck["meta"]["config"]) == tr.config
+    fresh = make_trainer(tiny_config())
+    fresh.load_checkpoint(ck_copy)
+    assert fresh.episode == tr.episode
+    _edit_meta(ck_copy, lambda m: m.__setitem__("format_version", ckpt.FORMAT_VERSION + 1))
+    with pytest.raises(CheckpointError, match="newer than this reader"):
+        load_circuit(ck_copy)
+
+
 # -- damaged checkpoints -------------------------------------------------------------
 def _truncate(f: Path, keep: float = 0.5) -> None:
     data = f.read_bytes()

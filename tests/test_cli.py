@@ -165,6 +165,24 @@ def test_evaluate_subprocess_is_deterministic(ckpt, tmp_path):
     assert (tmp_path / "e0" / "evaluation_trajectories.png").is_file()
 
 
+def test_single_file_checkpoint_evaluates_like_its_directory(ckpt, tmp_path):
+    """A .pt checkpoint (trainer.save_checkpoint('x.pt')) works wherever a directory does."""
+    from dmn_neuro.training.checkpoint import read_checkpoint, save_checkpoint
+    from dmn_neuro.training.config import TrainingConfig
+
+    circuit, ck = load_circuit(ckpt)
+    pt = save_checkpoint(tmp_path / "model.pt", circuit, TrainingConfig.from_dict(ck["meta"]["config"]),
+                         ck["meta"]["episode"])
+    assert pt.is_file() and read_checkpoint(pt)["meta"]["config"] == ck["meta"]["config"]
+    args = ["--episodes", 2, "--steps", 30, "--json", "--device", "cpu"]
+    a = invoke("evaluate", ckpt, *args, "--out", tmp_path / "e_dir")
+    b = invoke("evaluate", pt, *args)
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output + repr(b.exception)
+    ra, rb = json.loads(a.stdout), json.loads(b.stdout)
+    assert {k: v for k, v in ra.items() if k != "checkpoint"} == {k: v for k, v in rb.items() if k != "checkpoint"}
+    assert (tmp_path / "model_eval" / "evaluation.json").is_file()  # default --out next to the file
+
+
 # -- run -----------------------------------------------------------------------------
 def test_run_writes_every_population_and_matches_run_open_loop(ckpt, x_npy, tmp_path):
     out = tmp_path / "s.npz"

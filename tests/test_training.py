@@ -331,3 +331,51 @@ def test_kill_minus_9_and_resume_gives_the_uninterrupted_weights(tmp_path):
     ha = json.loads((a / "checkpoints" / "last" / "checkpoint.json").read_text())["loss_history"]
     hb = json.loads((b / "checkpoints" / "last" / "checkpoint.json").read_text())["loss_history"]
     assert ha == hb and len(ha) == 6
+
+
+# -- the design document's Stage 4 spellings -----------------------------------------
+def test_design_document_trainer_usage(tmp_path):
+    """DMNTrainer(circuit, loss_fn, config) builds its own arena; train_episode(num_episodes=N)
+    returns the losses; rollouts read by key; save_checkpoint('best_model.pt') writes one file."""
+    from dmn_neuro.training.checkpoint import load_circuit
+
+    cfg = tiny_config().replace(learning_rate=0.001, optimizer="adam", num_episodes=2, nav_weight=1.0,
+                                energy_weight=0.1)
+    torch.manual_seed(cfg.seed)
+    circuit, _, _, _, loss_fn = build_components(cfg)
+    trainer = DMNTrainer(circuit, loss_fn, cfg)
+    assert trainer.environment.config == cfg.environment.arena_config()
+    losses = trainer.train_episode(num_episodes=2)
+    assert [r["episode"] for r in losses] == [0, 1] and all(math.isfinite(r["total"]) for r in losses)
+    circuit.eval()
+    with torch.no_grad():
+        ro = trainer.rollout_episode(episode_length=7)
+    assert ro["positions"] is ro.positions and ro["velocities"] is ro.velocities
+    assert tuple(ro["positions"].shape) == (8, cfg.batch_size, 3) and tuple(ro["velocities"].shape) == (7, cfg.batch_size, 3)
+    assert list(dict(ro)) == list(ro._fields) and ro[0] is ro.positions
+    with pytest.raises(KeyError):
+        ro["trajectory"]
+    path = trainer.save_checkpoint(tmp_path / "best_model.pt")
+    assert path.is_file()
+    loaded, ck = load_circuit(path)
+    assert ck["meta"]["episode"] == 2
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in trainer.circuit.state_dict().items())
+
+
+def test_python_m_optimizer_runs_a_first_training_loop(tmp_path):
+    env = _cli_env(tmp_path / "cache")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-m", "dmn_neuro.training.optimizer", "--episodes", "2", "--steps", "20"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "dmn_first_run"  # default: a folder of the current directory
+    last = run / "checkpoints" / "last"
+    assert f"wrote checkpoint {last.relative_to(tmp_path)}" in res.stdout
+    assert "training" in res.stderr and "2/2" in res.stderr  # the progress bar
+    assert json.loads((last / "checkpoint.json").read_text())["episode"] == 2
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    out = tmp_path / "elsewhere"
+    res = subprocess.run([sys.executable, "-m", "dmn_neuro.training.optimizer", "--episodes", "1", "--steps", "10",
+                          "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "checkpoints" / "last" / "checkpoint.json").is_file() and str(out) in res.stdout

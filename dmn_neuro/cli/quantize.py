@@ -77,7 +77,7 @@ def quantize_checkpoint(checkpoint, out, finetune_episodes: int = 0, weight_bits
 
 @click.command("quantize")
 @click.argument("checkpoint", type=click.Path())
-@click.option("-o", "--out", "out", required=True, type=click.Path(), help="Directory of the new checkpoint.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(), help="The new checkpoint: a directory, or one file if the path ends in .pt.")
 @click.option("--finetune-episodes", type=int, default=0, show_default=True,
               help="Quantisation-aware fine-tuning episodes (straight-through estimator) before snapping.")
 @click.option("--weight-bits", type=int, default=8, show_default=True, help="As for `export --fixed-point`.")

@@ -22,7 +22,7 @@ def _load_config(config_path: Optional[str], **overrides):
 
 
 @click.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML training config (keys = TrainingConfig fields).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML training config (sections connectome, circuit, environment, loss, optimisation + run settings; see TrainingConfig). Old flat configs are read too.")
 @click.option("--source", default=None, help="Connectome source (flywire_v783_mb, hemibrain_v1.2.1_mb, codex:DIR, synthetic).")
 @click.option("--episodes", type=int, default=None, help="Training episodes (optimiser steps); 0 writes the untrained checkpoint.")
 @click.option("--steps", type=int, default=None, help="Override episode_length_steps.")
@@ -123,7 +123,10 @@ def evaluate(checkpoint, episodes, seed, steps, odor_removed, device, out_dir, a
                          device=dev, return_rollouts=True)
     rollouts = res.pop("rollouts")
     res["checkpoint"] = str(checkpoint)
-    out = Path(out_dir) if out_dir else Path(str(Path(checkpoint)).rstrip("/") + "_eval")
+    ck_path = Path(str(checkpoint).rstrip("/"))
+    if ck_path.suffix == ".pt":  # single-file checkpoint: best_model.pt -> best_model_eval
+        ck_path = ck_path.with_suffix("")
+    out = Path(out_dir) if out_dir else Path(str(ck_path) + "_eval")
     out.mkdir(parents=True, exist_ok=True)
     tag = "odor_removed" if odor_removed else "evaluation"
     plots.trajectories(rollouts, arena, out / f"{tag}_trajectories.png",

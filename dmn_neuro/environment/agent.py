@@ -25,6 +25,13 @@ from torch import nn
 
 
 class Rollout(NamedTuple):
+    """One batch of closed-loop episodes.
+
+    A named tuple (``ro.positions``, unpacking, ``ro[0]``) that can also be read
+    as a mapping by field name, as in the design document:
+    ``ro["positions"]``, ``ro.keys()``, ``dict(ro)``.
+    """
+
     positions: torch.Tensor  # [T+1, B, 3]
     velocities: torch.Tensor  # [T, B, 3]
     activations: Dict[str, torch.Tensor]  # population -> spikes [T, 2B, n]
@@ -32,6 +39,17 @@ class Rollout(NamedTuple):
     start: torch.Tensor  # [B, 3]
     odor: torch.Tensor  # [B]
     concentration: torch.Tensor  # [T, B, 2]
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key not in self._fields:
+                raise KeyError(key)
+            return getattr(self, key)
+        return tuple.__getitem__(self, key)
+
+    def keys(self):
+        """Field names, so ``dict(rollout)`` and ``**rollout`` give the mapping."""
+        return self._fields
 
 
 def _detach_tuple(t):

@@ -77,22 +77,29 @@ def _tuple(value, n: int, name: str) -> Tuple[float, ...]:
 
 @dataclass
 class ArenaConfig:
-    """Arena parameters (validated; see the module docstring for the model)."""
+    """Arena parameters (validated; see the module docstring for the model).
+
+    The defaults are the arena the shipped models were trained in: exponential
+    plume (constant bilateral contrast, sharp peak at the source), smoothed
+    motor command, model-scale antennae 3 mm apart. (Before, the defaults were a
+    Gaussian plume, ``plume_d0_mm=10``, ``motor_tau_ms=50``,
+    ``antenna_lateral_mm=1``; see ``dmn_neuro.training.config.LEGACY_ARENA_DEFAULTS``.)
+    """
 
     arena_size_mm: Tuple[float, float] = (100.0, 100.0)
     goal_mm: Tuple[float, float, float] = (50.0, 50.0, 0.0)
     source_jitter_mm: float = 15.0
     start_distance_mm: Tuple[float, float] = (15.0, 30.0)
     start_heading_offset_deg: float = 120.0
-    plume: str = "gaussian"
+    plume: str = "exponential"
     plume_sigma_mm: float = 20.0
-    plume_d0_mm: float = 10.0
+    plume_d0_mm: float = 15.0
     peak_concentration: float = 1.0
     wind: Tuple[float, float] = (0.0, 0.0)
     plume_age_s: float = 1.0
     antenna_forward_mm: float = 1.0
-    antenna_lateral_mm: float = 1.0
-    motor_tau_ms: float = 50.0
+    antenna_lateral_mm: float = 1.5
+    motor_tau_ms: float = 100.0
     v_max_mm_s: float = 20.0
     omega_max_rad_s: float = 6.0
     speed_gain: float = 0.05

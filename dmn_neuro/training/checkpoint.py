@@ -1,4 +1,4 @@
-"""Checkpoints as a directory of safetensors + JSON (no pickle anywhere).
+"""Checkpoints as safetensors + JSON (no pickle anywhere).
 
 Stores:
     model.safetensors      circuit parameters and buffers (masks, signs)
@@ -8,9 +8,18 @@ Stores:
                            constructor arguments, episode, loss history,
                            optimiser param groups, metrics
 
-Writes are atomic: everything goes to a temporary sibling directory that is
-renamed into place, so a crash (even ``kill -9``) leaves either the previous
-checkpoint or the new one, never a half-written one.
+A checkpoint is a directory of these files, or, for a path ending in ``.pt``,
+a single file: an uncompressed zip archive of the same files (nothing else;
+reading it never unpickles anything, and a ``torch.save`` file is refused as
+"not a dmn-neuro checkpoint").
+
+Writes are atomic: everything goes to a temporary sibling (directory or file)
+that is renamed into place, so a crash (even ``kill -9``) leaves either the
+previous checkpoint or the new one, never a half-written one.
+
+Format versions: 1 stored the training config flat; 2 stores it in sections
+(:class:`~dmn_neuro.training.config.TrainingConfig`). Both are read
+(``TrainingConfig.from_dict`` migrates the flat form).
 """
 from __future__ import annotations
 
@@ -18,17 +27,27 @@ import json
 import os
 import shutil
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 
 from dmn_neuro.errors import CheckpointError, DMNError
 
 FORMAT = "dmn-neuro-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Member names of a checkpoint (directory entries or single-file archive members).
+MEMBERS = ("checkpoint.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors")
+SINGLE_FILE_SUFFIX = ".pt"
+
+
+def is_single_file(path) -> bool:
+    """Whether ``path`` names a single-file checkpoint (suffix ``.pt``)."""
+    return Path(path).suffix == SINGLE_FILE_SUFFIX
 
 
 def _atomic_dir_write(path: Path, writer) -> Path:
@@ -51,6 +70,33 @@ def _atomic_dir_write(path: Path, writer) -> Path:
         if old is not None and old.exists() and not path.exists():
             os.replace(old, path)
         raise
+    return path
+
+
+def _atomic_file_write(path: Path, writer) -> Path:
+    """Write the checkpoint files into a temporary directory, pack them into an
+    uncompressed zip next to ``path`` and rename that into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp_dir = path.with_name(f".{path.name}.tmp-{tag}.d")
+    tmp = path.with_name(f".{path.name}.tmp-{tag}")
+    tmp_dir.mkdir()
+    try:
+        writer(tmp_dir)
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for name in MEMBERS:
+                if (tmp_dir / name).exists():
+                    zf.write(tmp_dir / name, arcname=name)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        if path.is_dir():
+            raise CheckpointError(f"cannot write a single-file checkpoint over the directory {path}")
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if tmp.exists():
+            tmp.unlink()
     return path
 
 
@@ -105,6 +151,8 @@ def save_checkpoint(
             save_file({k: v.cpu().contiguous() for k, v in rng.items()}, str(d / "rng.safetensors"))
         (d / "checkpoint.json").write_text(json.dumps(meta, indent=1))
 
+    if is_single_file(path):
+        return _atomic_file_write(Path(path), writer)
     return _atomic_dir_write(Path(path), writer)
 
 
@@ -124,38 +172,56 @@ def recover_checkpoint(path) -> bool:
     return True
 
 
+def _read_members(path: Path) -> Dict[str, bytes]:
+    """The member files of a checkpoint directory or single-file archive (raw bytes; absent = missing)."""
+    if path.is_dir():
+        return {name: (path / name).read_bytes() for name in MEMBERS if (path / name).is_file()}
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint must be a directory or a {SINGLE_FILE_SUFFIX} file written by "
+                              f"dmn-neuro (safetensors + checkpoint.json): {path}")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            if "checkpoint.json" not in names:
+                raise CheckpointError(f"checkpoint {path}: not a dmn-neuro checkpoint (no checkpoint.json in the archive)")
+            return {name: zf.read(name) for name in MEMBERS if name in names}
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointError(f"checkpoint {path}: archive is corrupt ({exc})") from None
+
+
 def read_checkpoint(path) -> Dict[str, Any]:
-    """Read and validate a checkpoint directory (tensors + metadata), building nothing."""
+    """Read and validate a checkpoint (directory or ``.pt`` file: tensors + metadata), building nothing."""
     path = Path(path)
     recover_checkpoint(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint must be a directory (model.safetensors + checkpoint.json): {path}")
-    meta_path = path / "checkpoint.json"
+    files = _read_members(path)
     try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
+        meta = json.loads(files["checkpoint.json"].decode("utf-8"))
+    except KeyError:
         raise CheckpointError(f"checkpoint {path} has no checkpoint.json") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"checkpoint {path}: checkpoint.json is corrupt ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: not a dmn-neuro checkpoint")
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: format_version {version!r} is newer than this reader ({FORMAT_VERSION})")
     missing = [k for k in ("config", "structure", "circuit") if k not in meta]
     if missing:
         raise CheckpointError(f"checkpoint {path}: checkpoint.json lacks {', '.join(missing)}")
     out: Dict[str, Any] = {"meta": meta, "path": path}
     for name in ("model", "optimizer", "rng"):
-        f = path / f"{name}.safetensors"
-        if not f.exists():
+        fname = f"{name}.safetensors"
+        if fname not in files:
             if name == "model":
                 raise CheckpointError(f"checkpoint {path} has no model.safetensors")
             out[name] = None
             continue
         try:
-            out[name] = load_file(str(f))
+            out[name] = load_bytes(files[fname])
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"checkpoint {path}: {f.name} is corrupt ({str(exc).splitlines()[0]})") from None
+            raise CheckpointError(f"checkpoint {path}: {fname} is corrupt ({str(exc).splitlines()[0]})") from None
     if out.get("optimizer") is not None:
         out["optimizer"].pop("_empty", None)
     return out

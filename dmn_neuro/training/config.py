@@ -1,7 +1,33 @@
-"""Training configuration: one validated dataclass, loadable from YAML.
+"""Training configuration: one validated dataclass per pipeline stage, loadable from YAML.
 
-Config keys mirror constructor arguments; an unknown key is an error that
-names it (no silent fallbacks).
+The sections mirror the stages of the design document::
+
+    connectome:   ConnectomeConfig    which connectome and how to read it
+    circuit:      CircuitConfig       neurons, surrogate gradient, projection gains, engine
+    environment:  EnvironmentConfig   odor encoding, closed loop, arena (an ArenaConfig)
+    loss:         LossConfig          the CombinedLoss weights
+    optimisation: OptimisationConfig  optimiser, learning rate schedule, clipping, TBPTT
+
+plus the run settings at the top level of :class:`TrainingConfig`
+(``num_episodes``, ``episode_length_steps``, ``batch_size``, ``seed``,
+``device``, ``checkpoint_every``, ``eval_episodes``).
+
+YAML keys are the constructor arguments: a section is a nested mapping whose
+keys are that section's fields. An unknown key is an error naming the key and
+its section (no silent fallbacks); every section validates its own values
+with a one-line :class:`~dmn_neuro.errors.ConfigError`.
+
+Flat spellings. ``TrainingConfig(...)``, ``TrainingConfig.from_dict`` and
+``TrainingConfig.replace`` also accept every field of every section as a flat
+keyword (``TrainingConfig(learning_rate=1e-3, optimizer="adam",
+energy_weight=0.1)``; field names are unique across sections) and the alias
+``nav_weight`` for ``navigation_weight`` (the design document's spelling).
+That flat form is the configuration format before the sections existed
+(checkpoints written then, old YAML files); :func:`migrate_flat_config` turns it
+into the nested form. One flat key keeps its old meaning: a flat ``arena``
+mapping overrides the *old* ArenaConfig defaults (:data:`LEGACY_ARENA_DEFAULTS`),
+as it did when it was written, whereas ``environment: {arena: {...}}``
+overrides today's defaults (the arena the shipped models were trained with).
 """
 from __future__ import annotations
 
@@ -9,149 +35,379 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import yaml
 
-from dmn_neuro.simulation import semantics
+from dmn_neuro.environment.arena import ArenaConfig
 from dmn_neuro.errors import ConfigError
+from dmn_neuro.simulation import semantics
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-#: Arena settings the shipped model was trained with (overrides of ArenaConfig's
-#: defaults): exponential plume (constant bilateral contrast, sharp peak at the
-#: source), smoothed motor command, model-scale antennae 3 mm apart.
-DEFAULT_ARENA = {"plume": "exponential", "plume_d0_mm": 15.0, "motor_tau_ms": 100.0, "antenna_lateral_mm": 1.5}
+LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 ENCODINGS = ("rate", "poisson")
+ENGINES = ("snntorch", "fused")
+
+#: ArenaConfig defaults before they became the arena of the shipped model; a flat
+#: (old-format) ``arena`` mapping is read on top of these, so old configs and
+#: checkpoints keep the arena they were trained in.
+LEGACY_ARENA_DEFAULTS = {"plume": "gaussian", "plume_d0_mm": 10.0, "motor_tau_ms": 50.0, "antenna_lateral_mm": 1.0}
+
+
+# -- validation helpers ------------------------------------------------------------------
+def _is_number(val: Any) -> bool:
+    return isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val)
+
+
+def _check_number(obj: Any, section: str, name: str, integer: bool = False, allow_zero: bool = False,
+                  optional: bool = False) -> None:
+    val = getattr(obj, name)
+    if optional and val is None:
+        return
+    ok = _is_number(val) and (val >= 0 if allow_zero else val > 0)
+    if integer:
+        ok = ok and float(val).is_integer()
+    if not ok:
+        kind = f"{'non-negative' if allow_zero else 'positive'} {'integer' if integer else 'number'}"
+        raise ConfigError(f"config: {section}{name} must be a {kind}{' or null' if optional else ''}, got {val!r}")
+    if integer:
+        setattr(obj, name, int(val))
+
+
+def _check_choice(obj: Any, section: str, name: str, choices: Tuple[str, ...]) -> None:
+    val = getattr(obj, name)
+    if val not in choices:
+        raise ConfigError(f"config: {section}{name} must be one of {choices}, got {val!r}")
+
+
+def _check_bool(obj: Any, section: str, name: str) -> None:
+    if not isinstance(getattr(obj, name), bool):
+        raise ConfigError(f"config: {section}{name} must be true or false, got {getattr(obj, name)!r}")
+
+
+def _check_mapping(obj: Any, section: str, name: str, optional: bool = False) -> None:
+    val = getattr(obj, name)
+    if optional and val is None:
+        return
+    if not isinstance(val, Mapping):
+        raise ConfigError(f"config: {section}{name} must be a mapping{' or null' if optional else ''}, got {val!r}")
+    setattr(obj, name, dict(val))
+
+
+def _check_number_mapping(obj: Any, section: str, name: str, optional: bool = False) -> None:
+    """A mapping of names (populations, projections) to finite numbers."""
+    _check_mapping(obj, section, name, optional)
+    val = getattr(obj, name)
+    for k, v in (val or {}).items():
+        if not _is_number(v):
+            raise ConfigError(f"config: {section}{name}[{k!r}] must be a number, got {v!r}")
+
+
+def _section_from_dict(cls, d: Any, section: str):
+    """Build section ``cls`` from a mapping; unknown keys are named with their section."""
+    if isinstance(d, cls):
+        return d
+    if d is None:
+        d = {}
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"config: {section} must be a mapping of keys to values, got {d!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in set(d) - known)
+    if unknown:
+        raise ConfigError(f"config: unknown key(s) in {section}: {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(known))})")
+    return cls(**d)
+
+
+# -- sections ----------------------------------------------------------------------------
+@dataclass
+class ConnectomeConfig:
+    """Stage 1: which connectome (``dmn-neuro connectome sources``) and its reader options."""
+
+    source: str = "flywire_v783_mb"
+    source_options: Dict[str, Any] = field(default_factory=lambda: {"orn_per_glomerulus": 8, "n_dn": 16})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source:
+            raise ConfigError(f"config: connectome.source must be a non-empty string, got {self.source!r}")
+        _check_mapping(self, "connectome.", "source_options")
 
 
 @dataclass
-class TrainingConfig:
-    """Everything a training run needs; saved verbatim in every checkpoint.
+class CircuitConfig:
+    """Stage 3: the differentiable circuit (DifferentiableOlfactoryCircuit.from_connectome arguments)."""
 
-    Episode semantics: one *training episode* is one optimiser step on a batch
-    of ``batch_size`` simulated arena episodes of ``episode_length_steps``.
-    """
-
-    # optimisation
-    learning_rate: float = 3e-3
-    optimizer: str = "adam"
-    lr_schedule: str = "constant"
-    lr_final_fraction: float = 0.1
-    num_episodes: int = 100
-    episode_length_steps: int = 5000
-    batch_size: int = 8
-    grad_clip: Optional[float] = 1.0
-    tbptt_window: Optional[int] = None
-    seed: int = 0
-    device: str = "auto"
-    engine: str = "fused"
-    checkpoint_every: int = 10
-    # neurons and circuit
     dt_ms: float = semantics.DEFAULT_DT_MS
     surrogate: str = "fast_sigmoid"
     surrogate_slope: float = 5.0
     learnable_tau: bool = True
     learnable_threshold: bool = True
-    source: str = "flywire_v783_mb"
-    source_options: Dict[str, Any] = field(default_factory=lambda: {"orn_per_glomerulus": 8, "n_dn": 16})
     projection_gains: Dict[str, float] = field(default_factory=dict)
-    # sensory input and agent
+    bias: Optional[Dict[str, float]] = None
+    threshold_jitter: Optional[Dict[str, float]] = None
+    engine: str = "fused"
+
+    def __post_init__(self) -> None:
+        s = "circuit."
+        _check_number(self, s, "dt_ms")
+        if not isinstance(self.surrogate, str) or not self.surrogate:
+            raise ConfigError(f"config: circuit.surrogate must be a non-empty string, got {self.surrogate!r}")
+        _check_number(self, s, "surrogate_slope")
+        _check_bool(self, s, "learnable_tau")
+        _check_bool(self, s, "learnable_threshold")
+        _check_number_mapping(self, s, "projection_gains")
+        _check_number_mapping(self, s, "bias", optional=True)
+        _check_number_mapping(self, s, "threshold_jitter", optional=True)
+        _check_choice(self, s, "engine", ENGINES)
+
+
+@dataclass
+class EnvironmentConfig:
+    """Odor input and closed loop: OdorEncoder, NavigationAgent and the arena.
+
+    ``arena`` is an :class:`~dmn_neuro.environment.arena.ArenaConfig`; in YAML a
+    mapping of its fields, each overriding ArenaConfig's default. ``odors``
+    (empty = the encoder's full odor table) also becomes the arena's odor set
+    unless ``arena.odors`` is given explicitly.
+    """
+
     encoding: str = "poisson"
     current_per_hz: Optional[float] = None
     hill_k: Optional[float] = None
     contralateral_fraction: float = 0.0
     crossed_motor: bool = True
-    bias: Optional[Dict[str, float]] = None
-    threshold_jitter: Optional[Dict[str, float]] = None
     odors: Tuple[str, ...] = ()
-    arena: Dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ARENA))
-    # loss weights (CombinedLoss)
+    arena: ArenaConfig = field(default_factory=ArenaConfig)
+
+    def __post_init__(self) -> None:
+        s = "environment."
+        _check_choice(self, s, "encoding", ENCODINGS)
+        _check_number(self, s, "current_per_hz", optional=True)
+        _check_number(self, s, "hill_k", optional=True)
+        cf = self.contralateral_fraction
+        if not (_is_number(cf) and 0.0 <= cf <= 0.5):
+            raise ConfigError(f"config: environment.contralateral_fraction must be in [0, 0.5], got {cf!r}")
+        _check_bool(self, s, "crossed_motor")
+        if isinstance(self.odors, str):
+            self.odors = (self.odors,)
+        if not isinstance(self.odors, (list, tuple)):
+            raise ConfigError(f"config: environment.odors must be a list of odor names, got {self.odors!r}")
+        self.odors = tuple(str(o) for o in self.odors)
+        if not isinstance(self.arena, ArenaConfig):
+            if not isinstance(self.arena, Mapping):
+                raise ConfigError(f"config: environment.arena must be a mapping of ArenaConfig fields, got {self.arena!r}")
+            try:
+                self.arena = _section_from_dict(ArenaConfig, self.arena, "environment.arena")
+            except ConfigError as exc:
+                msg = str(exc)
+                raise ConfigError(msg if msg.startswith("config:") else f"config: environment.arena: {msg}") from None
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"config: environment.arena: {exc}") from None
+
+    def arena_config(self) -> ArenaConfig:
+        """The arena to build: ``arena`` with ``odors`` filled in when the arena names none explicitly."""
+        if self.odors and self.arena.odors == ArenaConfig.odors:
+            return dataclasses.replace(self.arena, odors=tuple(self.odors))
+        return self.arena
+
+
+@dataclass
+class LossConfig:
+    """Stage 4 loss: the :class:`~dmn_neuro.training.loss_functions.CombinedLoss` arguments."""
+
     navigation_weight: float = 1.0
     energy_weight: float = 0.01
     sparsity_weight: float = 0.1
     activity_weight: float = 0.01
     kc_sparsity_target: float = 0.02
-    # validation during training (model selection for checkpoints/best)
-    eval_episodes: int = 0
 
     def __post_init__(self) -> None:
-        def positive(name: str, integer: bool = False, allow_zero: bool = False) -> None:
-            val = getattr(self, name)
-            ok = isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val)
-            ok = ok and (val >= 0 if allow_zero else val > 0)
-            if integer:
-                ok = ok and float(val).is_integer()
-            if not ok:
-                raise ConfigError(f"config: {name} must be a {'non-negative' if allow_zero else 'positive'} {'integer' if integer else 'number'}, got {val!r}")
-
-        positive("learning_rate")
-        positive("num_episodes", integer=True, allow_zero=True)
-        positive("episode_length_steps", integer=True)
-        positive("batch_size", integer=True)
-        positive("checkpoint_every", integer=True)
-        positive("dt_ms")
-        positive("surrogate_slope")
-        positive("kc_sparsity_target")
-        positive("eval_episodes", integer=True, allow_zero=True)
         for w in ("navigation_weight", "energy_weight", "sparsity_weight", "activity_weight"):
-            positive(w, allow_zero=True)
-        if self.grad_clip is not None:
-            positive("grad_clip")
-        if self.tbptt_window is not None:
-            positive("tbptt_window", integer=True)
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ConfigError(f"config: lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        if not (isinstance(self.lr_final_fraction, (int, float)) and 0 < self.lr_final_fraction <= 1):
-            raise ConfigError(f"config: lr_final_fraction must be in (0, 1], got {self.lr_final_fraction!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"config: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"config: device must be one of {DEVICES}, got {self.device!r}")
-        if self.engine not in ("snntorch", "fused"):
-            raise ConfigError(f"config: engine must be 'snntorch' or 'fused', got {self.engine!r}")
-        if self.encoding not in ENCODINGS:
-            raise ConfigError(f"config: encoding must be one of {ENCODINGS}, got {self.encoding!r}")
-        if self.hill_k is not None:
-            positive("hill_k")
-        if self.current_per_hz is not None:
-            positive("current_per_hz")
-        try:
-            cf = float(self.contralateral_fraction)
-        except (TypeError, ValueError):
-            cf = math.nan
-        if not 0.0 <= cf <= 0.5:
-            raise ConfigError(f"config: contralateral_fraction must be in [0, 0.5], got {self.contralateral_fraction!r}")
+            _check_number(self, "loss.", w, allow_zero=True)
+        _check_number(self, "loss.", "kc_sparsity_target")
+
+
+@dataclass
+class OptimisationConfig:
+    """Stage 4 optimiser: BPTT updates (see :class:`~dmn_neuro.training.optimizer.DMNTrainer`)."""
+
+    learning_rate: float = 3e-3
+    optimizer: str = "adam"
+    lr_schedule: str = "constant"
+    lr_final_fraction: float = 0.1
+    grad_clip: Optional[float] = 1.0
+    tbptt_window: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        s = "optimisation."
+        _check_number(self, s, "learning_rate")
+        _check_choice(self, s, "optimizer", OPTIMIZERS)
+        _check_choice(self, s, "lr_schedule", LR_SCHEDULES)
+        f = self.lr_final_fraction
+        if not (_is_number(f) and 0 < f <= 1):
+            raise ConfigError(f"config: optimisation.lr_final_fraction must be in (0, 1], got {f!r}")
+        _check_number(self, s, "grad_clip", optional=True)
+        _check_number(self, s, "tbptt_window", integer=True, optional=True)
+
+
+SECTIONS: Dict[str, type] = {
+    "connectome": ConnectomeConfig, "circuit": CircuitConfig, "environment": EnvironmentConfig,
+    "loss": LossConfig, "optimisation": OptimisationConfig,
+}
+#: Run settings at the top level of TrainingConfig.
+RUN_FIELDS = ("num_episodes", "episode_length_steps", "batch_size", "seed", "device", "checkpoint_every",
+              "eval_episodes")
+#: Flat (pre-section) key -> its section; every section field has exactly one.
+FLAT_KEYS: Dict[str, str] = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+#: Other accepted flat spellings -> field name.
+ALIASES = {"nav_weight": "navigation_weight"}
+
+
+def _plain(value: Any) -> Any:
+    """Tuples -> lists, dataclasses -> dicts, recursively (YAML/JSON-safe)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def migrate_flat_config(d: Mapping[str, Any]) -> Dict[str, Any]:
+    """Flat (pre-section) config -> nested config dict; the one place the old format is read.
+
+    Accepts the flat ``TrainingConfig`` dict stored in checkpoints and YAML files
+    written before the sections existed (and the flat keyword spellings, which
+    may be mixed with section mappings). Run settings stay at the top level,
+    every other flat key moves into its section, ``nav_weight`` becomes
+    ``loss.navigation_weight``, and a flat ``arena`` mapping is completed with
+    :data:`LEGACY_ARENA_DEFAULTS` so it keeps the arena it meant when written.
+    Unknown keys are all named in one :class:`ConfigError`; a value given both
+    flat and in its section is an error too. Values are not validated here.
+    """
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"config must be a mapping of keys to values, got {type(d).__name__}")
+    out: Dict[str, Any] = {}
+    sections: Dict[str, Dict[str, Any]] = {}
+    flat_from: Dict[Tuple[str, str], str] = {}
+    unknown = []
+    for key, value in d.items():
+        if key in SECTIONS:
+            if isinstance(value, Mapping):
+                for k, v in value.items():
+                    if (key, k) in flat_from:
+                        raise ConfigError(f"config: {key}.{k} given twice (also as flat key {flat_from[key, k]})")
+                    sections.setdefault(key, {})[k] = v
+                    flat_from[key, k] = f"{key}.{k}"
+            else:
+                out[key] = value  # a section object, or a bad value the section reports
+        elif key in RUN_FIELDS:
+            out[key] = value
+        elif key in FLAT_KEYS or key in ALIASES:
+            name = ALIASES.get(key, key)
+            section = FLAT_KEYS[name]
+            if (section, name) in flat_from or (section in out and not isinstance(out[section], Mapping)):
+                raise ConfigError(f"config: {section}.{name} given twice ({key} and "
+                                  f"{flat_from.get((section, name), section)})")
+            if name == "arena" and isinstance(value, Mapping):
+                value = {**LEGACY_ARENA_DEFAULTS, **value}
+            sections.setdefault(section, {})[name] = value
+            flat_from[section, name] = key
+        else:
+            unknown.append(str(key))
+    if unknown:
+        raise ConfigError(f"config: unknown key(s) {', '.join(sorted(unknown))}")
+    for name, values in sections.items():
+        out[name] = values
+    return out
+
+
+def _merge(base: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """Nested dicts: ``overrides`` replaces values of ``base`` key by key (section mappings merge
+    one level deep; ``environment.arena`` is replaced whole, as any other value)."""
+    out = dict(base)
+    for k, v in overrides.items():
+        if k in SECTIONS and isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+# -- the whole run -----------------------------------------------------------------------
+@dataclass(init=False)
+class TrainingConfig:
+    """Everything a training run needs; saved verbatim in every checkpoint.
+
+    Episode semantics: one *training episode* is one optimiser step on a batch
+    of ``batch_size`` simulated arena episodes of ``episode_length_steps``.
+
+    Construct with sections (instances or mappings) and run settings, and/or
+    with flat keywords for any section field (see the module docstring)::
+
+        TrainingConfig(learning_rate=0.001, optimizer="adam", num_episodes=100,
+                       episode_length_steps=5000, nav_weight=1.0, energy_weight=0.1)
+        TrainingConfig(optimisation={"learning_rate": 0.001}, loss=LossConfig(energy_weight=0.1))
+
+    Section fields can also be read flat (``config.learning_rate`` is
+    ``config.optimisation.learning_rate``); the flat ``config.arena`` is the
+    arena as a plain dict (``config.environment.arena`` is the ArenaConfig).
+    """
+
+    num_episodes: int = 100
+    episode_length_steps: int = 5000
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 10
+    eval_episodes: int = 0
+    connectome: ConnectomeConfig = field(default_factory=ConnectomeConfig)
+    circuit: CircuitConfig = field(default_factory=CircuitConfig)
+    environment: EnvironmentConfig = field(default_factory=EnvironmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimisation: OptimisationConfig = field(default_factory=OptimisationConfig)
+
+    def __init__(self, **kwargs: Any) -> None:
+        nested = migrate_flat_config(kwargs)
+        for f in dataclasses.fields(self):
+            if f.name in SECTIONS:
+                setattr(self, f.name, _section_from_dict(SECTIONS[f.name], nested.get(f.name), f.name))
+            else:
+                setattr(self, f.name, nested.get(f.name, f.default))
+        self._validate()
+
+    def _validate(self) -> None:
+        _check_number(self, "", "num_episodes", integer=True, allow_zero=True)
+        _check_number(self, "", "episode_length_steps", integer=True)
+        _check_number(self, "", "batch_size", integer=True)
+        _check_number(self, "", "checkpoint_every", integer=True)
+        _check_number(self, "", "eval_episodes", integer=True, allow_zero=True)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"config: seed must be an integer, got {self.seed!r}")
-        for name in ("source_options", "projection_gains", "arena"):
-            if not isinstance(getattr(self, name), dict):
-                raise ConfigError(f"config: {name} must be a mapping, got {getattr(self, name)!r}")
-        from dmn_neuro.environment.arena import ArenaConfig
+        _check_choice(self, "", "device", DEVICES)
 
-        unknown = sorted(set(self.arena) - {f.name for f in dataclasses.fields(ArenaConfig)})
-        if unknown:
-            raise ConfigError(f"config: unknown arena key(s) {', '.join(map(str, unknown))}")
-        self.odors = tuple(str(o) for o in self.odors)
-        self.num_episodes = int(self.num_episodes)
-        self.episode_length_steps = int(self.episode_length_steps)
-        self.batch_size = int(self.batch_size)
+    def __getattr__(self, name: str) -> Any:
+        # Only called for names that are not attributes: flat reads of section fields.
+        section = FLAT_KEYS.get(ALIASES.get(name, name))
+        obj = self.__dict__.get(section) if section is not None else None
+        if obj is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        value = getattr(obj, ALIASES.get(name, name))
+        return _plain(value) if name == "arena" else value
 
     def to_dict(self) -> Dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["odors"] = list(self.odors)
-        return d
+        """Nested, YAML/JSON-safe dict; ``from_dict`` of it gives an equal config."""
+        return _plain(self)
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "TrainingConfig":
-        if not isinstance(d, dict):
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainingConfig":
+        """From a nested dict, an old flat dict (checkpoints before the sections) or a mix."""
+        if not isinstance(d, Mapping):
             raise ConfigError(f"config must be a mapping of keys to values, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"config: unknown key(s) {', '.join(unknown)}")
         try:
-            return cls(**d)
+            return cls(**{str(k): v for k, v in d.items()})
         except TypeError as exc:
             raise ConfigError(f"config: {exc}") from None
 
@@ -164,12 +420,17 @@ class TrainingConfig:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config file {path} must be a mapping of keys to values, got {type(data).__name__}")
         return cls.from_dict(data)
 
+    def with_values(self, **overrides: Any) -> "TrainingConfig":
+        """A copy with ``overrides`` (flat or section spellings) applied, ``None`` included."""
+        return TrainingConfig.from_dict(_merge(self.to_dict(), migrate_flat_config(overrides)))
+
     def replace(self, **overrides: Any) -> "TrainingConfig":
-        d = self.to_dict()
-        d.update({k: v for k, v in overrides.items() if v is not None})
-        return TrainingConfig.from_dict(d)
+        """Like :meth:`with_values`, but ``None`` means "not overridden" (command-line options)."""
+        return self.with_values(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def resolve_device(name: str):

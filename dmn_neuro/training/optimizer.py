@@ -46,35 +46,38 @@ def default_current_per_hz(circuit) -> float:
 
 
 def build_components(config: TrainingConfig, circuit=None, device=None):
-    """Circuit, encoder, arena, agent and loss from a config (the CLI and tests use this)."""
-    from dmn_neuro.environment.arena import ArenaConfig, OdorArena
+    """Circuit, encoder, arena, agent and loss from a config (the CLI and tests use this).
+
+    Each comes from its config section: the circuit from ``connectome`` and
+    ``circuit``, encoder, arena and agent from ``environment``, the loss from ``loss``.
+    """
+    from dmn_neuro.environment.arena import OdorArena
     from dmn_neuro.simulation.mechanism import DifferentiableOlfactoryCircuit
     from dmn_neuro.training.loss_functions import CombinedLoss
     from dmn_neuro.environment.odors import OdorEncoder
 
     device = device or resolve_device(config.device)
+    cc, env = config.circuit, config.environment
     if circuit is None:
         circuit = DifferentiableOlfactoryCircuit.from_connectome(
-            source=config.source, source_options=config.source_options, dt_ms=config.dt_ms,
-            learnable_tau=config.learnable_tau, learnable_threshold=config.learnable_threshold,
-            surrogate=config.surrogate, surrogate_slope=config.surrogate_slope,
-            projection_gains=config.projection_gains, engine=config.engine, bias=config.bias,
-            threshold_jitter=config.threshold_jitter, seed=config.seed,
+            source=config.connectome.source, source_options=config.connectome.source_options, dt_ms=cc.dt_ms,
+            learnable_tau=cc.learnable_tau, learnable_threshold=cc.learnable_threshold,
+            surrogate=cc.surrogate, surrogate_slope=cc.surrogate_slope,
+            projection_gains=cc.projection_gains, engine=cc.engine, bias=cc.bias,
+            threshold_jitter=cc.threshold_jitter, seed=config.seed,
         )
     circuit = circuit.to(device)
-    enc_kw: Dict[str, Any] = {"dt_ms": config.dt_ms, "encoding": config.encoding, "hill_k": config.hill_k}
+    enc_kw: Dict[str, Any] = {"dt_ms": cc.dt_ms, "encoding": env.encoding, "hill_k": env.hill_k}
     # Default input gain: 3 ORN thresholds per 1000 Hz (see README, "Odor input").
-    enc_kw["current_per_hz"] = config.current_per_hz or default_current_per_hz(circuit)
-    encoder = OdorEncoder(circuit.orn_glomeruli, odors=list(config.odors) or None, **enc_kw).to(device)
-    arena_kw = dict(config.arena)
-    if config.odors:
-        arena_kw.setdefault("odors", tuple(config.odors))
-    arena = OdorArena(ArenaConfig(**arena_kw), dt_ms=config.dt_ms, encoder=encoder)
-    agent = NavigationAgent(circuit, encoder, arena, config.contralateral_fraction, config.crossed_motor)
+    enc_kw["current_per_hz"] = env.current_per_hz or default_current_per_hz(circuit)
+    encoder = OdorEncoder(circuit.orn_glomeruli, odors=list(env.odors) or None, **enc_kw).to(device)
+    arena = OdorArena(env.arena_config(), dt_ms=cc.dt_ms, encoder=encoder)
+    agent = NavigationAgent(circuit, encoder, arena, env.contralateral_fraction, env.crossed_motor)
+    lc = config.loss
     loss_fn = CombinedLoss(
-        navigation_weight=config.navigation_weight, energy_weight=config.energy_weight,
-        sparsity_weight=config.sparsity_weight, activity_weight=config.activity_weight,
-        goal_position=tuple(arena.config.goal_mm), kc_sparsity_target=config.kc_sparsity_target, dt_ms=config.dt_ms,
+        navigation_weight=lc.navigation_weight, energy_weight=lc.energy_weight,
+        sparsity_weight=lc.sparsity_weight, activity_weight=lc.activity_weight,
+        goal_position=tuple(arena.config.goal_mm), kc_sparsity_target=lc.kc_sparsity_target, dt_ms=cc.dt_ms,
     )
     return circuit, encoder, arena, agent, loss_fn
 
@@ -101,8 +104,8 @@ class DMNTrainer:
         self.loss_fn = loss_fn
         self.environment = environment
         self.encoder = encoder
-        self.agent = NavigationAgent(self.circuit, encoder, environment, config.contralateral_fraction,
-                                     config.crossed_motor)
+        self.agent = NavigationAgent(self.circuit, encoder, environment, config.environment.contralateral_fraction,
+                                     config.environment.crossed_motor)
         self.optimizer = self._make_optimizer()
         self.episode = 0
         self.loss_history: List[Dict[str, float]] = []
@@ -114,19 +117,20 @@ class DMNTrainer:
         """Learning rate of ``episode``: constant, or cosine-decayed to
         ``lr_final_fraction`` of the initial rate over ``num_episodes``. A pure
         function of the episode index, so resumed runs follow the same schedule."""
-        lr = self.config.learning_rate
-        if self.config.lr_schedule == "constant" or self.config.num_episodes <= 1:
+        opt = self.config.optimisation
+        lr = opt.learning_rate
+        if opt.lr_schedule == "constant" or self.config.num_episodes <= 1:
             return lr
         frac = min(max(episode / (self.config.num_episodes - 1), 0.0), 1.0)
-        lo = self.config.lr_final_fraction
+        lo = opt.lr_final_fraction
         return lr * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * frac)))
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.circuit.parameters() if p.requires_grad]
-        lr = self.config.learning_rate
-        if self.config.optimizer == "adam":
+        lr = self.config.optimisation.learning_rate
+        if self.config.optimisation.optimizer == "adam":
             return torch.optim.Adam(params, lr=lr)
-        if self.config.optimizer == "adamw":
+        if self.config.optimisation.optimizer == "adamw":
             return torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
 
@@ -135,13 +139,18 @@ class DMNTrainer:
         self, episode_length: Optional[int] = None, batch_size: Optional[int] = None, seed: Optional[int] = None,
         episode: Optional[int] = None, stream: int = EVAL_STREAM, odor_removed: bool = False, grad: bool = False,
     ) -> Rollout:
-        """Simulate a batch of arena episodes (no gradient unless ``grad``)."""
+        """Simulate a batch of arena episodes (no gradient unless ``grad``).
+
+        Returns a :class:`~dmn_neuro.environment.agent.Rollout`, readable by
+        attribute or by key: ``ro.positions`` is ``ro["positions"]`` ``[T+1, B, 3]``,
+        ``ro["velocities"]`` ``[T, B, 3]``.
+        """
         T = int(episode_length or self.config.episode_length_steps)
         B = int(batch_size or self.config.batch_size)
         g = episode_generator(self.config.seed if seed is None else seed, self.episode if episode is None else episode, stream)
         with torch.set_grad_enabled(grad):
             return self.agent.rollout(B, T, g, device=self.device, odor_removed=odor_removed,
-                                      tbptt_window=self.config.tbptt_window if grad else None)
+                                      tbptt_window=self.config.optimisation.tbptt_window if grad else None)
 
     def compute_loss(self, ro: Rollout) -> Dict[str, torch.Tensor]:
         return self.loss_fn(ro.positions[1:], ro.velocities, ro.activations, goal=ro.source, start_positions=ro.start)
@@ -173,8 +182,8 @@ class DMNTrainer:
             grads = [p.grad for p in self.circuit.parameters() if p.grad is not None]
             if any(not torch.all(torch.isfinite(g)) for g in grads):
                 raise TrainingError(self._nan_message("gradient", self.episode))
-            if self.config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.circuit.parameters(), self.config.grad_clip)
+            if self.config.optimisation.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.circuit.parameters(), self.config.optimisation.grad_clip)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.learning_rate_at(self.episode)
             self.optimizer.step()
@@ -224,6 +233,13 @@ class DMNTrainer:
 
     # -- checkpoints ---------------------------------------------------------
     def save_checkpoint(self, path: os.PathLike, metrics: Optional[Dict[str, Any]] = None) -> Path:
+        """Save model, optimiser, episode counter, loss history and RNG state.
+
+        A directory of safetensors + JSON files, or for a path ending in ``.pt``
+        (``trainer.save_checkpoint("best_model.pt")``) one file holding the same
+        files (see :mod:`dmn_neuro.training.checkpoint`); both load with
+        :meth:`load_checkpoint` and :func:`~dmn_neuro.training.checkpoint.load_circuit`.
+        """
         rng = {"torch_cpu": torch.get_rng_state()}
         p = ckpt.save_checkpoint(path, self.circuit, self.config, self.episode, self.optimizer,
                                  self.loss_history, metrics, rng,
@@ -275,7 +291,7 @@ def evaluate_agent(agent: NavigationAgent, config: TrainingConfig, n_episodes: i
         with torch.no_grad():
             ro = agent.rollout(b, T, g, device=device, odor_removed=odor_removed)
         m = analyzer.compute_trajectory_metrics(ro.positions, ro.velocities, ro.source, success_radius_mm=radius,
-                                                dt_ms=config.dt_ms)
+                                                dt_ms=config.circuit.dt_ms)
         finals.append(np.atleast_1d(np.asarray(m["final_distance_to_goal"], dtype=float)))
         means.append(np.atleast_1d(np.asarray(m["mean_distance_to_goal"], dtype=float)))
         succ.append(np.atleast_1d(np.asarray(m["success"], dtype=float)))
@@ -290,7 +306,7 @@ def evaluate_agent(agent: NavigationAgent, config: TrainingConfig, n_episodes: i
         "success_radius_mm": float(radius), "success_rate": float(succ_a.mean()),
         "final_distance_to_goal_mean": float(finals_a.mean()),
         "mean_distance_to_goal_mean": float(np.concatenate(means).mean()),
-        "kc_sparsity": float(np.mean(sparsity)), "kc_sparsity_target": float(config.kc_sparsity_target),
+        "kc_sparsity": float(np.mean(sparsity)), "kc_sparsity_target": float(config.loss.kc_sparsity_target),
     }
     if return_rollouts:
         out["rollouts"] = rollouts
@@ -301,3 +317,59 @@ def agent_loss_sparsity(ro: Rollout) -> float:
     from dmn_neuro.training.loss_functions import kc_population_sparsity
 
     return float(kc_population_sparsity(ro.activations["KC"]))
+
+
+# -- first training loop: ``python -m dmn_neuro.training.optimizer`` ---------------------
+#: A config small enough to train in seconds on a CPU (the bundled FlyWire
+#: mushroom body; 60 steps of 2 ms, batch 2). Behaviour only: a handful of
+#: episodes does not teach the circuit to navigate.
+FIRST_RUN_CONFIG = dict(
+    episode_length_steps=60, batch_size=2, seed=0, device="cpu", checkpoint_every=1000,
+    circuit={"dt_ms": 2.0, "projection_gains": {"ORN->PN": 3.0, "KC->MBON": 50.0}, "bias": {"DN": 0.5}},
+    environment={"encoding": "poisson"},
+)
+
+
+def main(argv: Optional[List[str]] = None) -> Path:
+    """Run a short first training loop with a progress bar; returns the checkpoint path."""
+    import argparse
+
+    from tqdm import tqdm
+
+    p = argparse.ArgumentParser(
+        prog="python -m dmn_neuro.training.optimizer",
+        description="First training loop: a few BPTT episodes of a tiny config on the bundled connectome. "
+                    "Writes OUT/metrics.jsonl and OUT/checkpoints/{best,last}.")
+    p.add_argument("--episodes", type=int, default=5, help="training episodes (optimiser steps) [5]")
+    p.add_argument("--out", type=Path, default=Path("dmn_first_run"), help="run directory [./dmn_first_run]")
+    p.add_argument("--steps", type=int, default=None, help="episode length in steps [60]")
+    p.add_argument("--batch-size", type=int, default=None, help="arena episodes per optimiser step [2]")
+    p.add_argument("--config", type=Path, default=None, help="TrainingConfig YAML instead of the tiny built-in one")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    args = p.parse_args(argv)
+    if args.episodes < 1:
+        p.error(f"--episodes must be >= 1, got {args.episodes}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = TrainingConfig.from_yaml(args.config) if args.config else TrainingConfig(**FIRST_RUN_CONFIG)
+    cfg = base.replace(num_episodes=args.episodes, episode_length_steps=args.steps, batch_size=args.batch_size)
+    torch.manual_seed(cfg.seed)
+    circuit, encoder, arena, _agent, loss_fn = build_components(cfg)
+    trainer = DMNTrainer(circuit, loss_fn, cfg, environment=arena, encoder=encoder)
+    out = Path(args.out)
+    if (out / "metrics.jsonl").exists():
+        p.error(f"{out} already holds a run; choose another --out")
+    with tqdm(total=cfg.num_episodes, desc="training", unit="episode") as bar:
+        def progress(rec: Dict[str, float]) -> None:
+            bar.set_postfix(loss=f"{rec['total']:.3f}", success=f"{rec['success_rate']:.2f}")
+            bar.update(1)
+
+        trainer.train_episode(cfg.num_episodes, out_dir=out, progress=progress)
+    path = trainer.save_checkpoint(out / "checkpoints" / "last")
+    print(f"wrote checkpoint {path} (episode {trainer.episode}); evaluate it with: "
+          f"python -m dmn_neuro.cli evaluate {path}")
+    return path
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised as a subprocess in the tests
+    main()
