@@ -61,7 +61,7 @@ def test_gradients_reach_every_learnable_parameter(engine):
     _, encoder, arena, _, loss_fn = build_components(cfg, circuit=circuit)
     tr = DMNTrainer(circuit, loss_fn, cfg, environment=arena, encoder=encoder)
     c = tr.circuit
-    ro = tr.rollout_episode(episode=0, stream=TRAIN_STREAM, grad=True)
+    ro = tr.rollout_episode(batch_size=tr.config.batch_size, episode=0, stream=TRAIN_STREAM, grad=True)
     tr.compute_loss(ro)["total"].backward()
     names = dict(c.named_parameters())
     expected = {f"cells.{p}.raw_beta" for p in c.population_names}
@@ -349,7 +349,10 @@ def test_design_document_trainer_usage(tmp_path):
     assert [r["episode"] for r in losses] == [0, 1] and all(math.isfinite(r["total"]) for r in losses)
     circuit.eval()
     with torch.no_grad():
-        ro = trainer.rollout_episode(episode_length=7)
+        ro = trainer.rollout_episode(episode_length=7, batch_size=cfg.batch_size)
+        one = trainer.rollout_episode(episode_length=7)
+    assert tuple(one["positions"].shape) == (8, 3) and tuple(one["velocities"].shape) == (7, 3)
+    assert tuple(one["activations"]["KC"].shape) == (7, 2, ro.activations["KC"].shape[-1])
     assert ro["positions"] is ro.positions and ro["velocities"] is ro.velocities
     assert tuple(ro["positions"].shape) == (8, cfg.batch_size, 3) and tuple(ro["velocities"].shape) == (7, cfg.batch_size, 3)
     assert list(dict(ro)) == list(ro._fields) and ro[0] is ro.positions

@@ -51,6 +51,20 @@ class Rollout(NamedTuple):
         """Field names, so ``dict(rollout)`` and ``**rollout`` give the mapping."""
         return self._fields
 
+    def episode(self, i: int = 0) -> "Rollout":
+        """Episode ``i`` without the batch axis: positions ``[T+1, 3]``, velocities
+        ``[T, 3]``, source/start ``[3]``, odor a 0-d tensor, concentration ``[T, 2]``
+        and each population's spikes ``[T, 2, n]`` (left, right hemisphere)."""
+        B = int(self.positions.shape[1])
+        if not -B <= i < B:
+            raise IndexError(f"episode {i} out of range for a batch of {B}")
+        i %= B
+        return Rollout(
+            positions=self.positions[:, i], velocities=self.velocities[:, i],
+            activations={n: s[:, [i, B + i]] for n, s in self.activations.items()},
+            source=self.source[i], start=self.start[i], odor=self.odor[i], concentration=self.concentration[:, i],
+        )
+
 
 def _detach_tuple(t):
     return type(t)(*[(x.detach() if isinstance(x, torch.Tensor) else x) for x in t])

@@ -23,6 +23,7 @@ Parameterisation (what training changes):
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -156,7 +157,10 @@ def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
 
 def _check_device(device, who: str) -> Optional[torch.device]:
     """``device`` as a :class:`torch.device`; a one-line ConfigError when it
-    names an unknown device or CUDA that this machine does not have."""
+    names an unknown device. CUDA on a machine without it falls back to the CPU
+    with a :class:`RuntimeWarning` (so library code written for a GPU, like the
+    design document's ``LIFCell(..., device='cuda')``, runs anywhere; the CLI's
+    ``--device cuda`` is stricter and refuses)."""
     if device is None:
         return None
     try:
@@ -164,7 +168,9 @@ def _check_device(device, who: str) -> Optional[torch.device]:
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(f"{who}: invalid device {device!r} ({exc})") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{who}: device {str(device)!r} requested but CUDA is not available")
+        warnings.warn(f"{who}: device {str(device)!r} requested but CUDA is not available; using the CPU",
+                      RuntimeWarning, stacklevel=3)
+        return torch.device("cpu")
     return dev
 
 

@@ -139,18 +139,21 @@ class DMNTrainer:
         self, episode_length: Optional[int] = None, batch_size: Optional[int] = None, seed: Optional[int] = None,
         episode: Optional[int] = None, stream: int = EVAL_STREAM, odor_removed: bool = False, grad: bool = False,
     ) -> Rollout:
-        """Simulate a batch of arena episodes (no gradient unless ``grad``).
+        """Simulate arena episodes (no gradient unless ``grad``).
 
         Returns a :class:`~dmn_neuro.environment.agent.Rollout`, readable by
-        attribute or by key: ``ro.positions`` is ``ro["positions"]`` ``[T+1, B, 3]``,
-        ``ro["velocities"]`` ``[T, B, 3]``.
+        attribute or by key: ``ro.positions`` is ``ro["positions"]``. With
+        ``batch_size`` it holds that many episodes (``[T+1, B, 3]`` positions,
+        ``[T, B, 3]`` velocities); without, one episode without the batch axis
+        (``[T+1, 3]`` / ``[T, 3]``: the design document's single trajectory).
         """
         T = int(episode_length or self.config.episode_length_steps)
-        B = int(batch_size or self.config.batch_size)
+        B = 1 if batch_size is None else int(batch_size)
         g = episode_generator(self.config.seed if seed is None else seed, self.episode if episode is None else episode, stream)
         with torch.set_grad_enabled(grad):
-            return self.agent.rollout(B, T, g, device=self.device, odor_removed=odor_removed,
-                                      tbptt_window=self.config.optimisation.tbptt_window if grad else None)
+            ro = self.agent.rollout(B, T, g, device=self.device, odor_removed=odor_removed,
+                                    tbptt_window=self.config.optimisation.tbptt_window if grad else None)
+        return ro if batch_size is not None else ro.episode(0)
 
     def compute_loss(self, ro: Rollout) -> Dict[str, torch.Tensor]:
         return self.loss_fn(ro.positions[1:], ro.velocities, ro.activations, goal=ro.source, start_positions=ro.start)
@@ -172,7 +175,8 @@ class DMNTrainer:
         for _ in range(int(num_episodes)):
             t0 = time.perf_counter()
             self.circuit.train()
-            ro = self.rollout_episode(episode=self.episode, stream=TRAIN_STREAM, grad=True)
+            ro = self.rollout_episode(batch_size=self.config.batch_size, episode=self.episode, stream=TRAIN_STREAM,
+                                      grad=True)
             terms = self.compute_loss(ro)
             total = terms["total"]
             if not torch.isfinite(total):
