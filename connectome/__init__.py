@@ -6,6 +6,8 @@ Importing this package has no side effects; the names below are loaded lazily.
 * :class:`connectome.adjacency_matrix.AdjacencyMatrixGenerator`, :class:`~connectome.adjacency_matrix.ConstrainedWeight`
 * :func:`connectome.config.load_cell_types` -- validated cell_types.yaml
 """
+from connectome.lazy import lazy_exports
+
 _LAZY = {
     "FlyWireConnectome": "connectome.fetch_data",
     "OlfactoryCircuitData": "connectome.tables",
@@ -17,11 +19,4 @@ _LAZY = {
     "load_cell_types": "connectome.config",
 }
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'connectome' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

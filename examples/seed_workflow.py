@@ -43,7 +43,7 @@ from dmn_neuro.analysis.recording import run_open_loop
 from dmn_neuro.training.loss_functions import CombinedLoss, TrajectoryAnalyzer
 from dmn_neuro.environment.odors import OdorEncoder
 from dmn_neuro.training.optimizer import EVAL_STREAM, DMNTrainer, default_current_per_hz
-from dmn_neuro.cli.export import default_odors, verification_input
+from dmn_neuro.analysis.recording import default_odors, verification_input
 from exporters.nir_export import export_nir
 from exporters.verify import verify_nir
 

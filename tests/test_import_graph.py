@@ -2,6 +2,8 @@
 analysis -> cli, with exporters beside it (reading only simulation, errors and analysis), and
 no module grows past the size limit. Parsed with ``ast``: nothing is imported."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
@@ -129,3 +131,28 @@ def test_no_module_exceeds_the_line_limit():
         if n > MAX_LINES and rel not in LINE_LIMIT_EXCEPTIONS:
             long[rel] = n
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+STAGE_PACKAGES = ("connectome", "exporters", "dmn_neuro.simulation", "dmn_neuro.simulation.engine",
+                  "dmn_neuro.environment", "dmn_neuro.training", "dmn_neuro.analysis")
+
+
+@pytest.mark.parametrize("package", STAGE_PACKAGES)
+def test_packages_expose_their_public_names(package):
+    import importlib
+
+    mod = importlib.import_module(package)
+    assert mod.__doc__ and len(mod.__all__) >= 4
+    for name in mod.__all__:
+        assert getattr(mod, name) is not None, f"{package}.{name}"
+    with pytest.raises(AttributeError, match="no attribute"):
+        getattr(mod, "no_such_name")
+
+
+def test_importing_a_stage_package_is_light():
+    """A package import loads nothing heavy until a name is used (no side effects on import)."""
+    code = ("import sys, dmn_neuro, dmn_neuro.simulation, dmn_neuro.training, dmn_neuro.environment, exporters, "
+            "connectome; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

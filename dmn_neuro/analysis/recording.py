@@ -1,4 +1,6 @@
-"""Open-loop runs of a trained circuit (``dmn-neuro run``, the verifier)."""
+"""Recordings of a trained circuit: open-loop spike runs on ORN input
+(``dmn-neuro run``, the verifier's reference), the verifier's odor input, and
+closed-loop success with the circuit or a stand-in for it (the fixed-point emulator)."""
 from __future__ import annotations
 
 import os
@@ -71,3 +73,42 @@ def odor_input(circuit, odors: Sequence[str], steps: int, concentration: float =
         kw["current_per_hz"] = current_per_hz
     enc = OdorEncoder(circuit.orn_glomeruli, **kw)
     return np.asarray(static_odor_input(enc, list(odors), steps, concentration=concentration), dtype=np.float64)
+
+
+#: Concentrations cycled over the verification odors (fraction of the Hallem 10^-2 dilution).
+VERIFY_CONCENTRATIONS = (0.05, 0.3, 1.0)
+#: Seed of the verification input (Poisson ORN spikes): the same input every run,
+#: so that pass/fail is reproducible.
+VERIFY_SEED = 0
+
+
+def verification_input(circuit, cfg, odors: Sequence[str], steps: int, seed: int = VERIFY_SEED) -> np.ndarray:
+    """ORN input ``[steps, len(odors) * len(VERIFY_CONCENTRATIONS), n_orn]``: each
+    odor at several concentrations, with the checkpoint's own encoder (seeded)."""
+    from dmn_neuro.environment.odors import static_odor_input
+    from dmn_neuro.training.optimizer import build_components
+
+    _, encoder, _, _, _ = build_components(cfg.replace(odors=[]), circuit=circuit, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(int(seed))
+    xs = [np.asarray(static_odor_input(encoder, list(odors), steps, concentration=c, generator=gen), dtype=np.float64)
+          for c in VERIFY_CONCENTRATIONS]
+    return np.concatenate(xs, axis=1)
+
+
+def default_odors(cfg) -> list:
+    """The verification odors: the checkpoint's training odors plus up to three others (4 at most)."""
+    trained = list(cfg.environment.arena_config().odors)
+    extra = [o for o in ("ethyl acetate", "1-hexanol", "benzaldehyde") if o not in trained]
+    return (trained + extra)[:4]
+
+
+def closed_loop_success(circuit, cfg, stepper=None, episodes: int = 50, seed: int = 12345,
+                        steps=None) -> float:
+    """Held-out navigation success of the circuit, or of ``stepper`` (e.g. the
+    Loihi fixed-point emulator) driving the same agent, on the evaluation stream."""
+    from dmn_neuro.training.optimizer import build_components, evaluate_agent
+
+    cpu = torch.device("cpu")
+    _, _, _, agent, _ = build_components(cfg, circuit=circuit.float(), device=cpu)
+    return float(evaluate_agent(agent, cfg, episodes, seed, episode_length=steps, device=cpu,
+                                stepper=stepper)["success_rate"])

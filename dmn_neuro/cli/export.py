@@ -24,13 +24,6 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("nir", "lava")
 TARGETS = ("nir", "lava", "lava-fixed")
-#: Concentrations cycled over the verification odors (fraction of the Hallem 10^-2 dilution).
-VERIFY_CONCENTRATIONS = (0.05, 0.3, 1.0)
-#: Seed of the verification input (Poisson ORN spikes): the same input every run,
-#: so that pass/fail is reproducible.
-VERIFY_SEED = 0
-
-
 def _load(checkpoint):
     from dmn_neuro.training.checkpoint import load_circuit
     from dmn_neuro.training.config import TrainingConfig
@@ -38,29 +31,6 @@ def _load(checkpoint):
     circuit, ck = load_circuit(checkpoint)
     cfg = TrainingConfig.from_dict(ck["meta"]["config"]).replace(device="cpu")
     return circuit, cfg, ck
-
-
-def verification_input(circuit, cfg, odors: Sequence[str], steps: int, seed: int = VERIFY_SEED) -> np.ndarray:
-    """ORN input ``[steps, len(odors) * len(VERIFY_CONCENTRATIONS), n_orn]``: each
-    odor at several concentrations, with the checkpoint's own encoder (seeded)."""
-    import torch
-
-    from dmn_neuro.environment.odors import static_odor_input
-    from dmn_neuro.training.optimizer import build_components
-
-    _, encoder, _, _, _ = build_components(cfg.replace(odors=[]), circuit=circuit, device=torch.device("cpu"))
-    gen = torch.Generator().manual_seed(int(seed))
-    xs = [np.asarray(static_odor_input(encoder, list(odors), steps, concentration=c, generator=gen), dtype=np.float64)
-          for c in VERIFY_CONCENTRATIONS]
-    return np.concatenate(xs, axis=1)
-
-
-def default_odors(cfg) -> list:
-    from dmn_neuro.environment.arena import ArenaConfig
-
-    trained = list(cfg.odors) or list(ArenaConfig(**cfg.arena).odors)
-    extra = [o for o in ("ethyl acetate", "1-hexanol", "benzaldehyde") if o not in trained]
-    return (trained + extra)[:4]
 
 
 @click.command()
@@ -98,44 +68,22 @@ def export(checkpoint, fmt, out, fixed_point, weight_bits, as_json):
             click.echo(json.dumps(info["quantisation"], indent=1, default=str))
 
 
-def closed_loop_success(circuit, cfg, stepper=None, episodes: int = 50, seed: int = 12345,
-                        steps: Optional[int] = None) -> float:
-    """Held-out navigation success rate of the circuit, or of ``stepper`` driving the same agent."""
-    import torch
-
-    from dmn_neuro.training.optimizer import EVAL_STREAM, build_components, episode_generator
-
-    circuit = circuit.float()
-    _, _, arena, agent, _ = build_components(cfg, circuit=circuit, device=torch.device("cpu"))
-    T = int(steps or cfg.episode_length_steps)
-    done, chunk, succ = 0, 0, []
-    while done < episodes:
-        b = min(25, episodes - done)
-        with torch.no_grad():
-            ro = agent.rollout(b, T, episode_generator(seed, chunk, EVAL_STREAM), device=torch.device("cpu"),
-                               stepper=stepper)
-        d = (ro.positions[-1, :, :2] - ro.source[:, :2]).norm(dim=-1)
-        succ.append((d <= arena.success_radius).float())
-        done += b
-        chunk += 1
-    return float(torch.cat(succ).mean())
-
-
 @click.command()
 @click.argument("checkpoint", type=click.Path())
 @click.option("--target", required=True, type=click.Choice(TARGETS))
 @click.option("--steps", type=int, default=1000, show_default=True, help="Open-loop steps compared (>= 1000 to pass).")
 @click.option("--odors", default=None, help="Comma-separated Hallem odors (default: the trained odors plus others).")
-@click.option("--seed", type=int, default=VERIFY_SEED, show_default=True, help="Seed of the Poisson ORN input.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the Poisson ORN input.")
 @click.option("--closed-loop-episodes", type=int, default=50, show_default=True, help="lava-fixed: held-out episodes for the navigation gate.")
 @click.option("--export-dir", type=click.Path(file_okay=False), default=None, help="Keep the exported model here (default: a temporary directory).")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None, help="Write verification.json and verification.png here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def verify(checkpoint, target, steps, odors, seed, closed_loop_episodes, export_dir, report_dir, as_json):
     """Run the export in its target simulator and compare spikes with the trained model (exit 0 = pass)."""
-    from dmn_neuro.analysis.recording import run_open_loop
+    from dmn_neuro.analysis.recording import (VERIFY_CONCENTRATIONS, closed_loop_success, default_odors,
+                                              run_open_loop, verification_input)
 
-    from exporters.verify import tolerance_for, verify_spikes
+    from exporters.verify import run_target, tolerance_for, verify_spikes
 
     if steps <= 0:
         raise ConfigError(f"--steps must be positive, got {steps}")
@@ -150,28 +98,17 @@ def verify(checkpoint, target, steps, odors, seed, closed_loop_episodes, export_
     closed: Dict[str, object] = {"odors": odor_list, "concentrations": list(VERIFY_CONCENTRATIONS), "seed": seed}
     tol = tolerance_for(target)
     try:
-        if target == "nir":
-            from exporters.nir_export import export_nir
-            from exporters.nir_import import run_nir
+        candidate, info = run_target(spec, x, target, workdir)
+        if target == "lava-fixed":
+            from dmn_neuro.simulation.fixed_point import FixedPointStepper
 
-            path = export_nir(spec, workdir / "model.nir")
-            candidate = run_nir(path, x)
-        else:
-            from exporters.lava_export import export_lava
-            from exporters.lava_runner import run_lava
-
-            fixed = target == "lava-fixed"
-            res = export_lava(spec, workdir / ("lava_fixed" if fixed else "lava_float"), fixed_point=fixed)
-            candidate = run_lava(res["graph_dir"], x, fixed_point=fixed)
-            if fixed:
-                from dmn_neuro.simulation.fixed_point import FixedPointStepper
-
-                closed["quantisation"] = res["quantisation"]
-                if closed_loop_episodes > 0:
-                    ref_rate = closed_loop_success(circuit, cfg, None, closed_loop_episodes)
-                    fx_rate = closed_loop_success(circuit, cfg, FixedPointStepper(res["fixed_point_spec"]), closed_loop_episodes)
-                    tol = tol.with_navigation(ref_rate, fx_rate)
-                    closed["closed_loop_episodes"] = closed_loop_episodes
+            closed["quantisation"] = info["quantisation"]
+            if closed_loop_episodes > 0:
+                ref_rate = closed_loop_success(circuit, cfg, None, closed_loop_episodes)
+                fx_rate = closed_loop_success(circuit, cfg, FixedPointStepper(info["fixed_point_spec"]),
+                                              closed_loop_episodes)
+                tol = tol.with_navigation(ref_rate, fx_rate)
+                closed["closed_loop_episodes"] = closed_loop_episodes
         result = verify_spikes(reference, candidate, target, lag=0, tolerance=tol,
                                populations=spec.population_names, extra=closed)
         if report_dir:

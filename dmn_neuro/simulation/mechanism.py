@@ -27,7 +27,7 @@ from connectome.adjacency_matrix import ConstrainedWeight, as_bool_mask
 
 from dmn_neuro.simulation import semantics
 from dmn_neuro.errors import ConfigError, DMNError
-from dmn_neuro.simulation.neurons import LIFCell
+from dmn_neuro.simulation.neurons import DEFAULT_SURROGATE, DEFAULT_SURROGATE_SLOPE, LIFCell
 from dmn_neuro.simulation.spec import CircuitSpec, PopulationSpec, ProjectionSpec
 
 logger = logging.getLogger(__name__)
@@ -222,8 +222,8 @@ class DifferentiableOlfactoryCircuit(nn.Module):
         dt_ms: float = semantics.DEFAULT_DT_MS,
         learnable_tau: bool = True,
         learnable_threshold: bool = True,
-        surrogate: str = "fast_sigmoid",
-        surrogate_slope: float = 5.0,
+        surrogate: str = DEFAULT_SURROGATE,
+        surrogate_slope: float = DEFAULT_SURROGATE_SLOPE,
         projection_gains: Optional[Dict[str, float]] = None,
         neuron_params: Optional[Dict[str, Tuple[float, float, float]]] = None,
         engine: str = "fused",

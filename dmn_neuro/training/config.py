@@ -42,6 +42,7 @@ import yaml
 from dmn_neuro.environment.arena import ArenaConfig
 from dmn_neuro.errors import ConfigError
 from dmn_neuro.simulation import semantics
+from dmn_neuro.simulation.neurons import DEFAULT_SURROGATE, DEFAULT_SURROGATE_SLOPE, SURROGATES
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
@@ -139,8 +140,8 @@ class CircuitConfig:
     """Stage 3: the differentiable circuit (DifferentiableOlfactoryCircuit.from_connectome arguments)."""
 
     dt_ms: float = semantics.DEFAULT_DT_MS
-    surrogate: str = "fast_sigmoid"
-    surrogate_slope: float = 5.0
+    surrogate: str = DEFAULT_SURROGATE
+    surrogate_slope: float = DEFAULT_SURROGATE_SLOPE
     learnable_tau: bool = True
     learnable_threshold: bool = True
     projection_gains: Dict[str, float] = field(default_factory=dict)
@@ -151,8 +152,7 @@ class CircuitConfig:
     def __post_init__(self) -> None:
         s = "circuit."
         _check_number(self, s, "dt_ms")
-        if not isinstance(self.surrogate, str) or not self.surrogate:
-            raise ConfigError(f"config: circuit.surrogate must be a non-empty string, got {self.surrogate!r}")
+        _check_choice(self, s, "surrogate", SURROGATES)
         _check_number(self, s, "surrogate_slope")
         _check_bool(self, s, "learnable_tau")
         _check_bool(self, s, "learnable_threshold")

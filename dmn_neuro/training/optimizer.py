@@ -280,7 +280,11 @@ class DMNTrainer:
 
 def evaluate_agent(agent: NavigationAgent, config: TrainingConfig, n_episodes: int = 50, seed: int = 12345,
                    odor_removed: bool = False, episode_length: Optional[int] = None, batch_size: int = 25,
-                   device=None, return_rollouts: bool = False, stream: int = EVAL_STREAM) -> Dict[str, Any]:
+                   device=None, return_rollouts: bool = False, stream: int = EVAL_STREAM,
+                   stepper=None) -> Dict[str, Any]:
+    """Success and distances over ``n_episodes`` episodes of ``stream`` (chunks of
+    ``batch_size``, each from its own seeded generator). ``stepper`` replaces the
+    circuit in the loop (e.g. the Loihi fixed-point emulator)."""
     from dmn_neuro.training.loss_functions import TrajectoryAnalyzer
 
     T = int(episode_length or config.episode_length_steps)
@@ -293,7 +297,7 @@ def evaluate_agent(agent: NavigationAgent, config: TrainingConfig, n_episodes: i
         b = min(batch_size, n_episodes - done)
         g = episode_generator(seed, chunk, stream)
         with torch.no_grad():
-            ro = agent.rollout(b, T, g, device=device, odor_removed=odor_removed)
+            ro = agent.rollout(b, T, g, device=device, odor_removed=odor_removed, stepper=stepper)
         m = analyzer.compute_trajectory_metrics(ro.positions, ro.velocities, ro.source, success_radius_mm=radius,
                                                 dt_ms=config.circuit.dt_ms)
         finals.append(np.atleast_1d(np.asarray(m["final_distance_to_goal"], dtype=float)))
