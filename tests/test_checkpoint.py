@@ -377,7 +377,9 @@ def test_failure_while_swapping_directories_keeps_a_loadable_checkpoint(trained,
     tr, _ = trained
     path = tr.save_checkpoint(tmp_path / "last")
     before = _tree(path)
-    real = ckpt.os.replace
+    import connectome.atomic as atomic
+
+    real = atomic.os.replace
     calls = []
 
     def flaky(src, dst):
@@ -386,10 +388,10 @@ def test_failure_while_swapping_directories_keeps_a_loadable_checkpoint(trained,
             raise OSError(5, "Input/output error")
         return real(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "replace", flaky)
+    monkeypatch.setattr(atomic.os, "replace", flaky)
     with pytest.raises(OSError):
         tr.save_checkpoint(path)
-    monkeypatch.setattr(ckpt.os, "replace", real)
+    monkeypatch.setattr(atomic.os, "replace", real)
     assert path.is_dir(), "the checkpoint vanished: only a hidden .last.old-* directory is left"
     assert _tree(path) == before
     load_circuit(path)

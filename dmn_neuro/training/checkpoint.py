@@ -24,9 +24,7 @@ Format versions: 1 stored the training config flat; 2 stores it in sections
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -36,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
+from connectome.atomic import atomic_dir, atomic_file, ensure_parent, recover_dir, temp_sibling
 from dmn_neuro.errors import CheckpointError, DMNError
 
 FORMAT = "dmn-neuro-checkpoint"
@@ -50,53 +49,23 @@ def is_single_file(path) -> bool:
     return Path(path).suffix == SINGLE_FILE_SUFFIX
 
 
-def _atomic_dir_write(path: Path, writer) -> Path:
+def _write_single_file(path: Path, writer) -> Path:
+    """Write the checkpoint files into a temporary directory and pack them into
+    an uncompressed zip written atomically at ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    old = None
-    try:
-        writer(tmp)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not path.exists():
-            os.replace(old, path)
-        raise
-    return path
-
-
-def _atomic_file_write(path: Path, writer) -> Path:
-    """Write the checkpoint files into a temporary directory, pack them into an
-    uncompressed zip next to ``path`` and rename that into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp_dir = path.with_name(f".{path.name}.tmp-{tag}.d")
-    tmp = path.with_name(f".{path.name}.tmp-{tag}")
+    if path.is_dir():
+        raise CheckpointError(f"cannot write a single-file checkpoint over the directory {path}")
+    ensure_parent(path)
+    tmp_dir = temp_sibling(path, "tmp")
     tmp_dir.mkdir()
     try:
         writer(tmp_dir)
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        with atomic_file(path, "wb") as fh, zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:
             for name in MEMBERS:
                 if (tmp_dir / name).exists():
                     zf.write(tmp_dir / name, arcname=name)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        if path.is_dir():
-            raise CheckpointError(f"cannot write a single-file checkpoint over the directory {path}")
-        os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -152,24 +121,15 @@ def save_checkpoint(
         (d / "checkpoint.json").write_text(json.dumps(meta, indent=1))
 
     if is_single_file(path):
-        return _atomic_file_write(Path(path), writer)
-    return _atomic_dir_write(Path(path), writer)
+        return _write_single_file(Path(path), writer)
+    with atomic_dir(path) as tmp:
+        writer(tmp)
+    return Path(path)
 
 
 def recover_checkpoint(path) -> bool:
-    """Finish an interrupted atomic save: if ``path`` is missing but the
-    previous version was moved aside (a crash between the two renames), move
-    it back. Returns whether something was recovered."""
-    path = Path(path)
-    if path.exists() or not path.parent.is_dir():
-        return False
-    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if not olds:
-        return False
-    os.replace(olds[-1], path)
-    for stale in olds[:-1]:
-        shutil.rmtree(stale, ignore_errors=True)
-    return True
+    """Finish an interrupted atomic save (see :func:`connectome.atomic.recover_dir`)."""
+    return recover_dir(path)
 
 
 def _read_members(path: Path) -> Dict[str, bytes]:
