@@ -28,6 +28,7 @@ from typing import Dict, Mapping, Tuple
 
 import numpy as np
 
+from connectome.atomic import atomic_dir
 from dmn_neuro.errors import ExportError
 from dmn_neuro.simulation.semantics import LAVA_INPUT_DELAY_STEPS, lava_lif_parameters
 from dmn_neuro.simulation.spec import CircuitSpec, read_npz_arrays
@@ -44,20 +45,6 @@ NETX_NAME = "netx.h5"
 INPUT_PROCESS = "input"
 GRADED_MESSAGE_BITS = 24
 SPIKE_MESSAGE_BITS = 0
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
-def _atomic_savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-    os.replace(tmp, path)
 
 
 def _float_v_init(name: str, bias: np.ndarray, dv: float) -> np.ndarray:
@@ -171,7 +158,6 @@ def export_lava(spec: CircuitSpec, out_dir: os.PathLike, fixed_point: bool = Fal
     if fp_options and not fixed_point:
         raise ExportError(f"fixed-point options {sorted(fp_options)} given without fixed_point=True")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     fps = None
     if fixed_point:
         fps = quantize(spec, **fp_options)
@@ -196,17 +182,23 @@ def export_lava(spec: CircuitSpec, out_dir: os.PathLike, fixed_point: bool = Fal
     }
     if fps is not None:
         manifest["quantisation"] = fps.report
-    files = [out / ARRAYS_NAME, out / MANIFEST_NAME]
-    _atomic_savez(files[0], arrays)
-    _atomic_write_bytes(files[1], json.dumps(manifest, indent=1, default=_json_default).encode())
+    names = [ARRAYS_NAME, MANIFEST_NAME] + ([NETX_NAME] if fps is not None and write_netx_file else [])
+    # The whole directory is built aside and swapped in: a reader sees the old
+    # export or the new one, never a mix (no stale netx.h5 from an earlier
+    # fixed-point export), and a failure or Ctrl-C leaves the old one untouched.
+    with atomic_dir(out) as tmp:
+        with open(tmp / ARRAYS_NAME, "wb") as fh:
+            np.savez(fh, **arrays)
+        (tmp / MANIFEST_NAME).write_bytes(json.dumps(manifest, indent=1, default=_json_default).encode())
+        if fps is not None and write_netx_file:
+            from exporters.netx import write_netx
+
+            write_netx(fps, tmp / NETX_NAME)
+    files = [out / name for name in names]
     result = {"graph_dir": out, "manifest": manifest, "files": files, "fixed_point": bool(fixed_point)}
     if fps is not None:
         result["quantisation"] = fps.report
         result["fixed_point_spec"] = fps
-        if write_netx_file:
-            from exporters.netx import write_netx
-
-            files.append(write_netx(fps, out / NETX_NAME))
     logger.info("wrote Lava graph (%s) to %s", manifest["mode"], out)
     return result
 

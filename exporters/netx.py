@@ -32,6 +32,7 @@ from typing import Dict, List
 
 import numpy as np
 
+from connectome.atomic import atomic_file
 from dmn_neuro.errors import ExportError
 
 from dmn_neuro.simulation.fixed_point import NETX_BIAS_EXP, FixedPointSpec
@@ -92,9 +93,7 @@ def write_netx(fps: FixedPointSpec, path: os.PathLike) -> Path:
               "the dmn-neuro Lava graph without them.")
     if has_bias:
         note += " netx cannot set initial membranes, so with nonzero bias it integrates one extra bias-only step."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    with atomic_file(path, "w+b") as fh, h5py.File(fh, "w") as f:
         f.attrs["dmn_neuro_note"] = note
         f.attrs["dmn_neuro_chain"] = json.dumps(chain)
         f.attrs["dmn_neuro_omitted"] = json.dumps([q.name for q in omitted])
@@ -125,7 +124,6 @@ def write_netx(fps: FixedPointSpec, path: os.PathLike) -> Path:
                 g.create_dataset("bias", data=bias)
             g.attrs["dmn_neuro_population"] = name
             _neuron(g, pop)
-    os.replace(tmp, path)
     logger.info("wrote netx file %s (chain %s, omitted %s)", path, chain, [q.name for q in omitted])
     return path
 

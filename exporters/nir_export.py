@@ -46,6 +46,7 @@ import numpy as np
 
 import nir
 
+from connectome.atomic import describe_os_error, ensure_parent, temp_sibling
 from dmn_neuro.errors import ExportError
 from dmn_neuro.simulation.semantics import (
     DISCRETISATION,
@@ -254,15 +255,19 @@ def export_nir(spec: CircuitSpec, path: os.PathLike) -> Path:
     """
     path = Path(path)
     graph = spec_to_nir(spec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    ensure_parent(path)
+    if path.is_dir():
+        raise ExportError(f"cannot write NIR file {path}: a directory is in the way")
+    tmp = temp_sibling(path, "tmp")
     try:
         nir.write(tmp, graph)
         check_nir_graph(nir.read(tmp, type_check=True))
         os.replace(tmp, path)
     except ExportError:
         raise
-    except (OSError, ValueError, TypeError) as exc:
+    except OSError as exc:
+        raise ExportError(describe_os_error(exc, f"NIR file {path}")) from None
+    except (ValueError, TypeError) as exc:
         raise ExportError(f"cannot write NIR file {path}: {exc}") from None
     finally:
         if tmp.exists():

@@ -8,6 +8,8 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
+from connectome.atomic import atomic_file, write_text
+
 
 def _plt():
     import matplotlib
@@ -19,22 +21,16 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
-    _plt().close(fig)
-    return path
+    try:
+        with atomic_file(path, "wb") as fh:
+            fig.savefig(fh, format=Path(path).suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
+    finally:
+        _plt().close(fig)
+    return Path(path)
 
 
 def write_json(path: os.PathLike, obj: Dict[str, Any]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    os.replace(tmp, path)
-    return path
+    return write_text(path, json.dumps(obj, indent=1, default=float))
 
 
 def loss_curves(metrics_jsonl: os.PathLike, path: os.PathLike) -> Path:

@@ -10,25 +10,57 @@ from typing import Dict, Sequence
 import numpy as np
 import torch
 
+from connectome.atomic import atomic_file
 from dmn_neuro.training.checkpoint import load_circuit
 from dmn_neuro.errors import DMNError
 
 
+#: Largest input accepted by ``dmn-neuro run`` (elements; 2**28 float64 = 2 GiB,
+#: and the run keeps every population's spikes besides).
+MAX_INPUT_ELEMENTS = 1 << 28
+
+
+def _npy_header(path: Path):
+    """(shape, dtype) from a .npy header, checked against the file size before any data is read."""
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+            offset = fh.tell()
+    except (ValueError, OSError, EOFError) as exc:
+        raise DMNError(f"input file {path} is not a readable .npy array ({str(exc).splitlines()[0]})") from None
+    if dtype.hasobject or dtype.kind not in "fiub":
+        raise DMNError(f"input file {path} must hold a numeric array, got dtype {dtype}")
+    n = int(np.prod(shape, dtype=object)) if shape else 1
+    if n > MAX_INPUT_ELEMENTS:
+        raise DMNError(f"input {path} has shape {list(shape)} ({n:,} values); at most {MAX_INPUT_ELEMENTS:,} are accepted")
+    need = offset + n * dtype.itemsize
+    have = path.stat().st_size
+    if have < need:
+        raise DMNError(f"input file {path} is truncated: its header promises {need:,} bytes, the file has {have:,}")
+    return shape, dtype
+
+
 def load_input_array(path: os.PathLike, n_orn: int) -> np.ndarray:
-    """Load an ORN input array ``[T, batch, n_orn]`` from .npy (no pickle)."""
+    """Load an ORN input array ``[T, batch, n_orn]`` (or ``[T, n_orn]``) from .npy:
+    no pickle, the header checked (shape, dtype, size) before the data is read."""
     path = Path(path)
     if not path.is_file():
         raise DMNError(f"input file not found: {path}")
+    shape, _ = _npy_header(path)
+    if len(shape) not in (2, 3) or shape[-1] != n_orn:
+        raise DMNError(f"input {path} must have shape [T, batch, {n_orn}] or [T, {n_orn}], got {list(shape)}")
+    if shape[0] < 1 or (len(shape) == 3 and shape[1] < 1):
+        raise DMNError(f"input {path} has no time steps or no batch entries: shape {list(shape)}")
     try:
         x = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise DMNError(f"input file {path} is not a readable .npy array ({str(exc).splitlines()[0]})") from None
-    if not isinstance(x, np.ndarray) or x.dtype.kind not in "fiub":
-        raise DMNError(f"input file {path} must hold a numeric array, got dtype {getattr(x, 'dtype', None)}")
     if x.ndim == 2:
         x = x[:, None, :]
-    if x.ndim != 3 or x.shape[2] != n_orn:
-        raise DMNError(f"input {path} must have shape [T, batch, {n_orn}], got {list(x.shape)}")
     if not np.all(np.isfinite(x)):
         raise DMNError(f"input {path} contains NaN/Inf")
     return x.astype(np.float64)
@@ -54,13 +86,9 @@ def run_checkpoint(path: os.PathLike, x: np.ndarray, dtype: torch.dtype = torch.
 
 def save_spikes(path: os.PathLike, spikes: Dict[str, np.ndarray]) -> Path:
     """Write ``{population: spikes}`` to .npz atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_file(path, "wb") as fh:
         np.savez_compressed(fh, **{k: np.asarray(v, dtype=bool) for k, v in spikes.items()})
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def odor_input(circuit, odors: Sequence[str], steps: int, concentration: float = 1.0, encoding: str = "rate",

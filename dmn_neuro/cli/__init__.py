@@ -1,35 +1,78 @@
 """The ``dmn-neuro`` command line.
 
 The group is thin: it loads configs into dataclasses, lets options override
-fields, and turns every :class:`~dmn_neuro.errors.DMNError` into one line on
-stderr and a non-zero exit (never a traceback).
+fields, and is the one error boundary of the program (:meth:`DMNGroup.main`):
+every failure -- a bad value, flag, file or path, a corrupt checkpoint, out of
+memory, a full disk, Ctrl-C -- ends as one line on stderr and a non-zero exit.
+An unexpected exception is one line too, with "run with -vv for details"; the
+traceback is printed only with ``-vv``.
+
+Exit codes: 0 success, 1 failure, 2 bad usage (unknown flag or value), 130 interrupted.
 """
 from __future__ import annotations
 
+import errno
 import logging
+import sys
+import traceback
 from typing import Optional
 
 import click
 
+from connectome.atomic import describe_os_error
 from dmn_neuro.errors import DMNError
 
 logger = logging.getLogger("dmn_neuro")
 
+EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def error_line(exc: BaseException, verbose: bool = False) -> "tuple[str, int]":
+    """The one line (without ``Error: ``) and the exit code for ``exc``."""
+    if isinstance(exc, click.UsageError):
+        ctx = exc.ctx
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        return _one_line(exc.format_message()) + hint, EXIT_USAGE
+    if isinstance(exc, click.ClickException):
+        return _one_line(exc.format_message()), exc.exit_code or EXIT_FAILURE
+    if isinstance(exc, (KeyboardInterrupt, click.Abort)):
+        return "interrupted", EXIT_INTERRUPTED
+    if isinstance(exc, DMNError):
+        return _one_line(exc), EXIT_FAILURE
+    if isinstance(exc, MemoryError):
+        return "out of memory (reduce --batch-size, --steps or the circuit size)", EXIT_FAILURE
+    if isinstance(exc, FileNotFoundError):
+        return f"file not found: {exc.filename or _one_line(exc)}", EXIT_FAILURE
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
+                                                   errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
+        return describe_os_error(exc, str(exc.filename or "output")), EXIT_FAILURE
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename or _one_line(exc)}", EXIT_FAILURE
+    where = "" if verbose else " (run with -vv for details)"
+    return f"internal error: {type(exc).__name__}: {_one_line(exc).split(' Traceback')[0][:300]}{where}", EXIT_FAILURE
+
 
 class DMNGroup(click.Group):
-    """Click group that reports user-facing errors as one line."""
+    """Click group whose ``main`` is the program's one error boundary."""
 
-    def invoke(self, ctx: click.Context):
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            return super().invoke(ctx)
-        except DMNError as exc:
-            raise click.ClickException(str(exc)) from None
-        except FileNotFoundError as exc:
-            raise click.ClickException(f"file not found: {exc.filename or exc}") from None
-        except PermissionError as exc:
-            raise click.ClickException(f"permission denied: {exc.filename or exc}") from None
-        except KeyboardInterrupt:
-            raise click.Abort() from None
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                              **extra)
+        except SystemExit:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - this is the boundary
+            verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+            if verbose and not isinstance(exc, (click.ClickException, click.Abort, KeyboardInterrupt)):
+                traceback.print_exc(file=sys.stderr)
+            line, code = error_line(exc, verbose)
+            click.echo(f"Error: {line}", err=True)
+            sys.exit(code)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 @click.group(cls=DMNGroup)

@@ -23,6 +23,10 @@ from dmn_neuro.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 FORMATS = ("nir", "lava")
+#: Loihi 2 synaptic weights have at most 8 bits; mixed-sign weights need at least 2.
+WEIGHT_BITS = click.IntRange(2, 8)
+#: Longest verification run (the reference and the Lava worker hold every spike in memory).
+MAX_VERIFY_STEPS = 200_000
 TARGETS = ("nir", "lava", "lava-fixed")
 def _load(checkpoint):
     from dmn_neuro.training.checkpoint import load_circuit
@@ -38,7 +42,7 @@ def _load(checkpoint):
 @click.option("--format", "fmt", required=True, type=click.Choice(FORMATS), help="nir: one .nir file; lava: a Lava process-graph directory.")
 @click.option("-o", "--out", "out", required=True, type=click.Path(), help="Output file (nir) or directory (lava).")
 @click.option("--fixed-point", is_flag=True, help="lava: quantise to Loihi 2 fixed point (8-bit weights, 12-bit decays) and write netx HDF5.")
-@click.option("--weight-bits", type=int, default=8, show_default=True)
+@click.option("--weight-bits", type=WEIGHT_BITS, default=8, show_default=True, help="Synaptic weight bits of the fixed-point export (Loihi 2: 2..8).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object describing what was written.")
 def export(checkpoint, fmt, out, fixed_point, weight_bits, as_json):
     """Export a trained circuit to NIR or to a Lava process graph."""
@@ -71,10 +75,10 @@ def export(checkpoint, fmt, out, fixed_point, weight_bits, as_json):
 @click.command()
 @click.argument("checkpoint", type=click.Path())
 @click.option("--target", required=True, type=click.Choice(TARGETS))
-@click.option("--steps", type=int, default=1000, show_default=True, help="Open-loop steps compared (>= 1000 to pass).")
+@click.option("--steps", type=click.IntRange(1, MAX_VERIFY_STEPS), default=1000, show_default=True, help="Open-loop steps compared (>= 1000 to pass).")
 @click.option("--odors", default=None, help="Comma-separated Hallem odors (default: the trained odors plus others).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the Poisson ORN input.")
-@click.option("--closed-loop-episodes", type=int, default=50, show_default=True, help="lava-fixed: held-out episodes for the navigation gate.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed of the Poisson ORN input.")
+@click.option("--closed-loop-episodes", type=click.IntRange(0, 10_000), default=50, show_default=True, help="lava-fixed: held-out episodes for the navigation gate.")
 @click.option("--export-dir", type=click.Path(file_okay=False), default=None, help="Keep the exported model here (default: a temporary directory).")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None, help="Write verification.json and verification.png here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -85,10 +89,10 @@ def verify(checkpoint, target, steps, odors, seed, closed_loop_episodes, export_
 
     from exporters.verify import run_target, tolerance_for, verify_spikes
 
-    if steps <= 0:
-        raise ConfigError(f"--steps must be positive, got {steps}")
     circuit, cfg, ck = _load(checkpoint)
-    odor_list = [o.strip() for o in odors.split(",") if o.strip()] if odors else default_odors(cfg)
+    odor_list = default_odors(cfg) if odors is None else [o.strip() for o in odors.split(",") if o.strip()]
+    if not odor_list:
+        raise ConfigError(f"--odors names no odor (got {odors!r}); give comma-separated Hallem & Carlson odor names")
     x = verification_input(circuit, cfg, odor_list, steps, seed)
     spec = circuit.to_spec(metadata={"checkpoint": str(checkpoint)})
     reference = run_open_loop(circuit, x)

@@ -75,15 +75,29 @@ def quantize_checkpoint(checkpoint, out, finetune_episodes: int = 0, weight_bits
             "snap": {k: v for k, v in snap.items() if k != "quantisation"}}
 
 
+class _FiniteRange(click.FloatRange):
+    """A float range that also refuses NaN (which compares false with both bounds)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if value != value:
+            self.fail(f"{value} is not a number", param, ctx)
+        return value
+
+
+#: Compensations in units of the membrane's least significant bit.
+LSB = _FiniteRange(0.0, 16.0)
+
+
 @click.command("quantize")
 @click.argument("checkpoint", type=click.Path())
 @click.option("-o", "--out", "out", required=True, type=click.Path(), help="The new checkpoint: a directory, or one file if the path ends in .pt.")
-@click.option("--finetune-episodes", type=int, default=0, show_default=True,
+@click.option("--finetune-episodes", type=click.IntRange(0, 1_000_000), default=0, show_default=True,
               help="Quantisation-aware fine-tuning episodes (straight-through estimator) before snapping.")
-@click.option("--weight-bits", type=int, default=8, show_default=True, help="As for `export --fixed-point`.")
-@click.option("--truncation-bias-lsb", type=float, default=qat.TRUNCATION_BIAS_LSB, show_default=True)
-@click.option("--threshold-margin-lsb", type=float, default=qat.THRESHOLD_MARGIN_LSB, show_default=True)
-@click.option("--leak-lsb", type=float, default=qat.LEAK_LSB, show_default=True)
+@click.option("--weight-bits", type=click.IntRange(2, 8), default=8, show_default=True, help="As for `export --fixed-point`.")
+@click.option("--truncation-bias-lsb", type=LSB, default=qat.TRUNCATION_BIAS_LSB, show_default=True)
+@click.option("--threshold-margin-lsb", type=LSB, default=qat.THRESHOLD_MARGIN_LSB, show_default=True)
+@click.option("--leak-lsb", type=LSB, default=qat.LEAK_LSB, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def quantize_cmd(checkpoint, out, finetune_episodes, weight_bits, truncation_bias_lsb, threshold_margin_lsb,
                  leak_lsb, as_json):

@@ -13,6 +13,9 @@ from dmn_neuro.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+#: Seeds torch accepts.
+SEED = click.IntRange(0, 2**63 - 1)
+
 
 def _load_config(config_path: Optional[str], **overrides):
     from dmn_neuro.training.config import TrainingConfig
@@ -24,84 +27,55 @@ def _load_config(config_path: Optional[str], **overrides):
 @click.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML training config (sections connectome, circuit, environment, loss, optimisation + run settings; see TrainingConfig). Old flat configs are read too.")
 @click.option("--source", default=None, help="Connectome source (flywire_v783_mb, hemibrain_v1.2.1_mb, codex:DIR, synthetic).")
-@click.option("--episodes", type=int, default=None, help="Training episodes (optimiser steps); 0 writes the untrained checkpoint.")
-@click.option("--steps", type=int, default=None, help="Override episode_length_steps.")
-@click.option("--batch-size", type=int, default=None)
-@click.option("--seed", type=int, default=None)
+@click.option("--episodes", type=click.IntRange(0, 10_000_000), default=None, help="Training episodes (optimiser steps); 0 writes the untrained checkpoint.")
+@click.option("--steps", type=click.IntRange(1, 1_000_000), default=None, help="Override episode_length_steps.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=None)
+@click.option("--seed", type=SEED, default=None)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
 @click.option("--engine", type=click.Choice(["fused", "snntorch"]), default=None)
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last if it exists.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last if it exists (the config must be the run's, except --episodes and --device).")
+@click.option("--allow-config-change", is_flag=True, help="With --resume: continue even though the config differs from the run's.")
 @click.option("--init-from", type=click.Path(), default=None, help="Fine-tune: start this run from a checkpoint's weights, optimiser state and episode count (fresh best-checkpoint tracking).")
-@click.option("--figure-episodes", "--eval-episodes", "figure_episodes", type=int, default=20, show_default=True, help="Episodes for the before/after trajectory figure and summary (0: none).")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory.")
-def train(config_path, source, episodes, steps, batch_size, seed, device, engine, resume, init_from, figure_episodes, out_dir):
+@click.option("--figure-episodes", "--eval-episodes", "figure_episodes", type=click.IntRange(0, 10_000), default=20, show_default=True, help="Episodes for the before/after trajectory figure and summary (0: none).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory (locked while training).")
+def train(config_path, source, episodes, steps, batch_size, seed, device, engine, resume, allow_config_change, init_from,
+          figure_episodes, out_dir):
     """Train the circuit by BPTT in the odor arena.
 
-    Writes OUT/metrics.jsonl, OUT/checkpoints/{last,best}, OUT/config.yaml,
-    OUT/loss_curves.png, OUT/trajectories_before_after.png and OUT/summary.json.
+    Writes OUT/metrics.jsonl, OUT/checkpoints/{untrained,last,best}, OUT/config.yaml,
+    OUT/before.json, OUT/loss_curves.png, OUT/trajectories_before_after.png and
+    OUT/summary.json (see dmn_neuro.training.run).
     """
-    import torch
-    import yaml
+    from tqdm import tqdm
 
-    from dmn_neuro.analysis import plots
-    from dmn_neuro.training.optimizer import DMNTrainer, build_components, evaluate_agent
+    from dmn_neuro.training.run import train_run
 
     cfg = _load_config(config_path, source=source, num_episodes=episodes, episode_length_steps=steps,
                        batch_size=batch_size, seed=seed, device=device, engine=engine)
-    out = Path(out_dir)
-    torch.manual_seed(cfg.seed)
-    circuit, encoder, arena, agent, loss_fn = build_components(cfg)
-    trainer = DMNTrainer(circuit, loss_fn, cfg, environment=arena, encoder=encoder)
-    last = out / "checkpoints" / "last"
-    from dmn_neuro.training.checkpoint import recover_checkpoint
+    bar = []
 
-    recover_checkpoint(last)
-    if resume and last.exists():
-        trainer.load_checkpoint(last)
-        click.echo(f"resumed from {last} at episode {trainer.episode}", err=True)
-    elif out.exists() and (out / "metrics.jsonl").exists() and not resume:
-        raise ConfigError(f"run directory {out} already holds a run; use --resume or another --out")
-    elif init_from:
-        trainer.load_checkpoint(init_from)
-        trainer.best_score, trainer.best_loss = None, float("inf")
-        click.echo(f"initialised from {init_from} at episode {trainer.episode}", err=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    before = None
-    if figure_episodes and trainer.episode == 0:
-        before = evaluate_agent(agent, cfg, figure_episodes, seed=cfg.seed + 777, device=trainer.device, return_rollouts=True)
-    remaining = max(cfg.num_episodes - trainer.episode, 0)
-    if trainer.episode == 0:
-        trainer.save_checkpoint(out / "checkpoints" / "untrained")
-    with click.progressbar(length=remaining, label="training", file=sys.stderr, show_pos=True,
-                           item_show_func=lambda r: None if r is None else f"loss {r['total']:.3f} succ {r['success_rate']:.2f}") as bar:
-        def progress(rec):
-            bar.update(1, rec)
+    def progress(total, rec):
+        if not bar:
+            bar.append(tqdm(total=total, desc="training", file=sys.stderr, disable=total == 0, unit="episode"))
+        if rec is not None:
+            bar[0].update(1)
+            bar[0].set_postfix(loss=f"{rec['total']:.3f}", succ=f"{rec['success_rate']:.2f}")
 
-        if remaining:
-            trainer.train_episode(remaining, out_dir=out, progress=progress)
-    trainer.save_checkpoint(out / "checkpoints" / "last")
-    if not (out / "checkpoints" / "best").exists():
-        trainer.save_checkpoint(out / "checkpoints" / "best")
-    summary = {"episodes": trainer.episode, "config": cfg.to_dict()}
-    if figure_episodes:
-        after = evaluate_agent(agent, cfg, figure_episodes, seed=cfg.seed + 777, device=trainer.device, return_rollouts=True)
-        if before is not None:
-            plots.trajectories_before_after(before.pop("rollouts"), after["rollouts"], arena, out / "trajectories_before_after.png")
-            summary["before"] = before
-        after.pop("rollouts")
-        summary["after"] = after
-    if (out / "metrics.jsonl").exists():
-        plots.loss_curves(out / "metrics.jsonl", out / "loss_curves.png")
-    plots.write_json(out / "summary.json", summary)
+    try:
+        summary = train_run(cfg, out_dir, resume=resume, init_from=init_from, allow_config_change=allow_config_change,
+                            figure_episodes=figure_episodes, progress=progress,
+                            notice=lambda msg: click.echo(msg, err=True))
+    finally:
+        if bar:
+            bar[0].close()
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "config"}))
 
 
 @click.command()
 @click.argument("checkpoint", type=click.Path())
-@click.option("--episodes", type=int, default=50, show_default=True, help="Held-out episodes.")
-@click.option("--seed", type=int, default=12345, show_default=True, help="Seed of the held-out source positions and start poses.")
-@click.option("--steps", type=int, default=None, help="Episode length (default: the checkpoint's training length).")
+@click.option("--episodes", type=click.IntRange(1, 100_000), default=50, show_default=True, help="Held-out episodes.")
+@click.option("--seed", type=SEED, default=12345, show_default=True, help="Seed of the held-out source positions and start poses.")
+@click.option("--steps", type=click.IntRange(1, 1_000_000), default=None, help="Episode length (default: the checkpoint's training length).")
 @click.option("--odor-removed", is_flag=True, help="Control: concentration forced to zero.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Where to write the figure and JSON (default CHECKPOINT_eval).")
@@ -113,8 +87,6 @@ def evaluate(checkpoint, episodes, seed, steps, odor_removed, device, out_dir, a
     from dmn_neuro.training.config import TrainingConfig, resolve_device
     from dmn_neuro.training.optimizer import build_components, evaluate_agent
 
-    if episodes <= 0:
-        raise ConfigError(f"--episodes must be positive, got {episodes}")
     dev = resolve_device(device)
     circuit, ck = load_circuit(checkpoint, device=dev)
     cfg = TrainingConfig.from_dict(ck["meta"]["config"]).replace(device=device)

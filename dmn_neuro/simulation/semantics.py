@@ -34,6 +34,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, Mapping
 
+from connectome.errors import ConfigError
+
 #: Steps of delay added by one synaptic hop (Lava Dense/Sparse semantics).
 SYNAPTIC_DELAY_STEPS: int = 1
 #: Steps by which a Lava export lags the model at every population (input hop).
@@ -55,16 +57,17 @@ VOLTAGE_UNIT_MV: float = 10.0
 def tau_to_beta(tau_ms: float, dt_ms: float) -> float:
     """Membrane time constant (ms) -> per-step decay factor ``beta = 1 - dt/tau``."""
     if not (tau_ms > 0 and dt_ms > 0):
-        raise ValueError(f"tau_ms and dt_ms must be positive, got tau_ms={tau_ms}, dt_ms={dt_ms}")
+        raise ConfigError(f"tau_ms and dt_ms must be positive, got tau_ms={tau_ms}, dt_ms={dt_ms}")
     if tau_ms <= dt_ms:
-        raise ValueError(f"tau_ms={tau_ms} must exceed dt_ms={dt_ms} for a stable forward-Euler step")
+        raise ConfigError(f"tau_ms={tau_ms} must exceed dt_ms={dt_ms} for a stable forward-Euler step "
+                          "(choose a smaller dt_ms)")
     return 1.0 - dt_ms / tau_ms
 
 
 def beta_to_tau(beta: float, dt_ms: float) -> float:
     """Inverse of :func:`tau_to_beta`: ``tau = dt / (1 - beta)``."""
     if not 0.0 <= beta < 1.0:
-        raise ValueError(f"beta must be in [0, 1), got {beta}")
+        raise ConfigError(f"beta must be in [0, 1), got {beta}")
     return dt_ms / (1.0 - beta)
 
 
@@ -83,7 +86,7 @@ def normalise_threshold(threshold_mv: float, rest_mv: float) -> float:
     """
     theta = threshold_mv - rest_mv
     if not theta > 0:
-        raise ValueError(f"threshold {threshold_mv} mV must lie above rest {rest_mv} mV")
+        raise ConfigError(f"threshold {threshold_mv} mV must lie above rest {rest_mv} mV")
     return float(theta) / VOLTAGE_UNIT_MV
 
 
@@ -117,11 +120,11 @@ class NeuronSemantics:
 
     def __post_init__(self) -> None:
         if not self.dt_ms > 0:
-            raise ValueError(f"dt_ms must be positive, got {self.dt_ms}")
+            raise ConfigError(f"dt_ms must be positive, got {self.dt_ms}")
         if self.delay_steps != SYNAPTIC_DELAY_STEPS:
-            raise ValueError(f"delay_steps must be {SYNAPTIC_DELAY_STEPS} (per-hop delay of Lava's Dense)")
+            raise ConfigError(f"delay_steps must be {SYNAPTIC_DELAY_STEPS} (per-hop delay of Lava's Dense)")
         if self.reset != RESET_MODE:
-            raise ValueError(f"unsupported reset {self.reset!r}; only {RESET_MODE!r} is exact on Lava and NIR")
+            raise ConfigError(f"unsupported reset {self.reset!r}; only {RESET_MODE!r} is exact on Lava and NIR")
 
     @property
     def dt_s(self) -> float:

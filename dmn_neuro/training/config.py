@@ -62,7 +62,7 @@ def _is_number(val: Any) -> bool:
 
 
 def _check_number(obj: Any, section: str, name: str, integer: bool = False, allow_zero: bool = False,
-                  optional: bool = False) -> None:
+                  optional: bool = False, maximum: Optional[float] = None) -> None:
     val = getattr(obj, name)
     if optional and val is None:
         return
@@ -72,6 +72,8 @@ def _check_number(obj: Any, section: str, name: str, integer: bool = False, allo
     if not ok:
         kind = f"{'non-negative' if allow_zero else 'positive'} {'integer' if integer else 'number'}"
         raise ConfigError(f"config: {section}{name} must be a {kind}{' or null' if optional else ''}, got {val!r}")
+    if maximum is not None and val > maximum:
+        raise ConfigError(f"config: {section}{name} must be <= {maximum:,}, got {val!r}")
     if integer:
         setattr(obj, name, int(val))
 
@@ -122,6 +124,12 @@ def _section_from_dict(cls, d: Any, section: str):
 
 
 # -- sections ----------------------------------------------------------------------------
+#: Upper bounds of the run settings: beyond them a run cannot fit this kind of
+#: machine (the closed loop keeps T x B x neurons states), or a seed overflows torch.
+LIMITS: Dict[str, int] = {"num_episodes": 10_000_000, "episode_length_steps": 1_000_000, "batch_size": 4096,
+                          "eval_episodes": 100_000, "seed": 2**63 - 1}
+
+
 @dataclass
 class ConnectomeConfig:
     """Stage 1: which connectome (``dmn-neuro connectome sources``) and its reader options."""
@@ -379,13 +387,13 @@ class TrainingConfig:
         self._validate()
 
     def _validate(self) -> None:
-        _check_number(self, "", "num_episodes", integer=True, allow_zero=True)
-        _check_number(self, "", "episode_length_steps", integer=True)
-        _check_number(self, "", "batch_size", integer=True)
+        _check_number(self, "", "num_episodes", integer=True, allow_zero=True, maximum=LIMITS["num_episodes"])
+        _check_number(self, "", "episode_length_steps", integer=True, maximum=LIMITS["episode_length_steps"])
+        _check_number(self, "", "batch_size", integer=True, maximum=LIMITS["batch_size"])
         _check_number(self, "", "checkpoint_every", integer=True)
-        _check_number(self, "", "eval_episodes", integer=True, allow_zero=True)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ConfigError(f"config: seed must be an integer, got {self.seed!r}")
+        _check_number(self, "", "eval_episodes", integer=True, allow_zero=True, maximum=LIMITS["eval_episodes"])
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= LIMITS["seed"]:
+            raise ConfigError(f"config: seed must be an integer in 0..2**63-1, got {self.seed!r}")
         _check_choice(self, "", "device", DEVICES)
 
     def __getattr__(self, name: str) -> Any:
