@@ -1,5 +1,5 @@
 """The import graph follows the pipeline: connectome -> simulation -> environment -> training ->
-analysis -> cli, with exporters beside it (reading only simulation, errors and analysis), and
+analysis -> experiments -> cli, with exporters beside it (reading only simulation, errors and analysis), and
 no module grows past the size limit. Parsed with ``ast``: nothing is imported."""
 import ast
 import subprocess
@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("connectome", "dmn_neuro", "exporters")
 #: dmn_neuro's subpackages in pipeline order: a module may import only its own layer or earlier ones.
-LAYERS = ("simulation", "environment", "training", "analysis", "cli")
+LAYERS = ("simulation", "environment", "training", "analysis", "experiments", "cli")
 #: Modules below every layer (importable from anywhere in dmn_neuro and exporters).
 BASE = ("dmn_neuro", "dmn_neuro.errors")
 #: What exporters may import from dmn_neuro.
@@ -134,7 +134,7 @@ def test_no_module_exceeds_the_line_limit():
 
 
 STAGE_PACKAGES = ("connectome", "exporters", "dmn_neuro.simulation", "dmn_neuro.simulation.engine",
-                  "dmn_neuro.environment", "dmn_neuro.training", "dmn_neuro.analysis")
+                  "dmn_neuro.environment", "dmn_neuro.training", "dmn_neuro.analysis", "dmn_neuro.experiments")
 
 
 @pytest.mark.parametrize("package", STAGE_PACKAGES)

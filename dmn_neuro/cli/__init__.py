@@ -56,6 +56,24 @@ def error_line(exc: BaseException, verbose: bool = False) -> "tuple[str, int]":
     return f"internal error: {type(exc).__name__}: {_one_line(exc).split(' Traceback')[0][:300]}{where}", EXIT_FAILURE
 
 
+def _verbosity(args) -> int:
+    """How many -v the group got (its options come before the command name)."""
+    n, skip = 0, False
+    for a in args:
+        a = str(a)
+        if skip:
+            skip = False
+        elif a == "--threads":
+            skip = True
+        elif a == "--verbose":
+            n += 1
+        elif a.startswith("-v") and set(a[1:]) == {"v"}:
+            n += len(a) - 1
+        elif not a.startswith("-"):
+            break
+    return n
+
+
 class DMNGroup(click.Group):
     """Click group whose ``main`` is the program's one error boundary."""
 
@@ -66,7 +84,7 @@ class DMNGroup(click.Group):
         except SystemExit:
             raise
         except BaseException as exc:  # noqa: BLE001 - this is the boundary
-            verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+            verbose = _verbosity(sys.argv[1:] if args is None else args) >= 2
             if verbose and not isinstance(exc, (click.ClickException, click.Abort, KeyboardInterrupt)):
                 traceback.print_exc(file=sys.stderr)
             line, code = error_line(exc, verbose)

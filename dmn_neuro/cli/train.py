@@ -44,11 +44,11 @@ def train(config_path, source, episodes, steps, batch_size, seed, device, engine
 
     Writes OUT/metrics.jsonl, OUT/checkpoints/{untrained,last,best}, OUT/config.yaml,
     OUT/before.json, OUT/loss_curves.png, OUT/trajectories_before_after.png and
-    OUT/summary.json (see dmn_neuro.training.run).
+    OUT/summary.json (see dmn_neuro.experiments.run).
     """
     from tqdm import tqdm
 
-    from dmn_neuro.training.run import train_run
+    from dmn_neuro.experiments.run import train_run
 
     cfg = _load_config(config_path, source=source, num_episodes=episodes, episode_length_steps=steps,
                        batch_size=batch_size, seed=seed, device=device, engine=engine)

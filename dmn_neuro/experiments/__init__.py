@@ -1,0 +1,17 @@
+"""Experiments and their unit, the training run: a run directory (locked,
+resumable, with metrics, checkpoints, summaries and figures) is what
+``dmn-neuro train`` makes and what an experiment grid is made of.
+
+Names are imported on first use.
+"""
+from connectome.lazy import lazy_exports
+
+_EXPORTS = {
+    "train_run": "dmn_neuro.experiments.run",
+    "run_lock": "dmn_neuro.experiments.run",
+    "read_metrics": "dmn_neuro.experiments.run",
+    "truncate_metrics": "dmn_neuro.experiments.run",
+    "config_differences": "dmn_neuro.experiments.run",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
