@@ -210,15 +210,11 @@ def test_synthetic_determinism_and_stats():
 
 
 def test_synthetic_moderate_scale():
-    import time
-    t = time.perf_counter()
     d = FlyWireConnectome(use_cache=False).fetch_olfactory_circuit(ALL, source="synthetic", scale=5, degree_scale=2)
-    dt = time.perf_counter() - t
     n = sum(d.layer_sizes.values())
     assert 9_000 < n < 14_000 and d.layer_sizes["APL"] == 5
     assert len(d.edge_table) > 100_000
     assert d.edge_table.pre_id.dtype == np.int64 and d.edge_table.count.dtype == np.int32
-    assert dt < 10
 
 
 # -- options are per source --------------------------------------------------------------
