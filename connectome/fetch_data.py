@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from .cache import ConnectomeCache, cache_key
 from .errors import DataError
-from .sources import DEFAULT_SOURCE, resolve_source
+from .sources import DEFAULT_SOURCE, check_option_names, resolve_source
 from .tables import (DEFAULT_LAYERS, LAYERS, EdgeTable, NeuronMetadata, NeuronTable, OlfactoryCircuitData,
                      ProjectionInfo, SynapseConnection, check_layers)
 
@@ -44,8 +44,10 @@ class FlyWireConnectome:
                 (default ORN, PN, KC, MBON, DN). DAN only when asked for.
             use_synthetic: shorthand for ``source='synthetic'``.
             source: 'flywire_v783_mb' (default), 'hemibrain_v1.2.1_mb', 'codex:DIR', 'cave', 'synthetic'.
-            **source_options: passed to the source (e.g. ``orn_per_glomerulus``,
-                ``n_dn``, ``seed``, ``scale``, ``client_factory``).
+            **source_options: passed to the source; each source accepts its own
+                (``SOURCES[name].options``: e.g. ``orn_per_glomerulus``, ``n_dn``
+                for the bundled ones, ``seed``, ``scale`` for synthetic,
+                ``client_factory`` for cave).
         Raises:
             DataError: unknown source / layer / option, or malformed input files.
         """
@@ -53,6 +55,7 @@ class FlyWireConnectome:
         if use_synthetic:
             source = "synthetic"
         spec, implied = resolve_source(source)
+        check_option_names(spec.name, source_options, spec.options)
         options = {**implied, **source_options}
         if self._cache is not None and spec.cacheable and not options.get("client_factory"):
             selection = {"layers": list(layers),

@@ -70,7 +70,8 @@ def step_connectome(cfg: TrainingConfig, cache_dir, out: Path):
     """1. Connectome: fetch the olfactory circuit and report projection sparsity."""
     fetcher = FlyWireConnectome(cache_dir=cache_dir)
     cc = cfg.connectome
-    data = fetcher.fetch_olfactory_circuit(include_layers=list(POPULATION_ORDER), source=cc.source, **cc.source_options)
+    data = fetcher.fetch_olfactory_circuit(include_layers=list(POPULATION_ORDER), source=cc.source,
+                                           **cc.resolved_source_options())
     adj = AdjacencyMatrixGenerator()
     sizes = {k: int(v) for k, v in data.layer_sizes.items() if k in POPULATION_ORDER}
     print(f"[connectome] {data.source} {data.version}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))

@@ -166,3 +166,50 @@ def test_odors_fill_the_arena_unless_it_names_its_own():
     own = EnvironmentConfig(odors=["1-hexanol", "ethyl acetate"], arena={"odors": ["1-hexanol"]})
     assert own.arena_config().odors == ("1-hexanol",)
     assert EnvironmentConfig().arena_config() == ArenaConfig()
+
+
+# -- connectome.source_options: per source ---------------------------------------------
+def test_source_options_default_to_each_sources_training_defaults():
+    assert ConnectomeConfig().source_options is None
+    assert ConnectomeConfig().resolved_source_options() == {"orn_per_glomerulus": 8, "n_dn": 16}
+    for source in ("hemibrain_v1.2.1_mb", "synthetic"):
+        assert ConnectomeConfig(source=source).resolved_source_options() == {"orn_per_glomerulus": 8, "n_dn": 16}
+    assert ConnectomeConfig(source="cave").resolved_source_options() == {}
+    assert ConnectomeConfig(source="codex:/data/codex").resolved_source_options() == {}
+    # what `train --source X` does to the default config
+    for source in ("cave", "codex:/data/codex", "synthetic", "hemibrain_v1.2.1_mb"):
+        cfg = TrainingConfig().replace(source=source)
+        assert cfg.connectome.source == source and cfg.connectome.source_options is None
+    # None survives the YAML / checkpoint round trip
+    cfg = TrainingConfig().replace(source="cave")
+    assert TrainingConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("meta_path", PRETRAINED, ids=[p.parent.name for p in PRETRAINED])
+def test_explicit_source_options_keep_their_meaning(meta_path):
+    flat = json.loads(meta_path.read_text())["config"]
+    assert flat["source"] == "flywire_v783_mb" and flat["source_options"] == {"orn_per_glomerulus": 8, "n_dn": 16}
+    cfg = TrainingConfig.from_dict(flat)
+    assert cfg.connectome.resolved_source_options() == {"orn_per_glomerulus": 8, "n_dn": 16}
+    # an explicit mapping is used as given: tiny.yaml's ORNs without the default DN count
+    tiny = TrainingConfig.from_yaml(REPO / "examples" / "configs" / "tiny.yaml")
+    assert tiny.connectome.resolved_source_options() == {"orn_per_glomerulus": 8}
+    assert ConnectomeConfig(source="synthetic", source_options={}).resolved_source_options() == {}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"source": "cave", "source_options": {"n_dn": 16}},
+     r"^config: connectome: source cave: unknown option 'n_dn'; accepted: all_alpn, batch_size, .*side$"),
+    ({"source": "codex:/d", "source_options": {"orn_per_glomerulus": 8}},
+     r"^config: connectome: source codex: unknown option 'orn_per_glomerulus'; accepted: all_alpn, "),
+    ({"source_options": {"bogus": 1}},
+     r"^config: connectome: source flywire_v783_mb: unknown option 'bogus'; accepted: data_dir, dn_synapses, "),
+    ({"source": "flywire"}, r"^config: connectome: unknown source 'flywire'"),
+    ({"source_options": [1]}, r"connectome\.source_options must be a mapping or null"),
+])
+def test_source_options_are_checked_at_config_time(kwargs, match):
+    with pytest.raises(ConfigError, match=match) as exc:
+        ConnectomeConfig(**kwargs)
+    assert "\n" not in str(exc.value)
+    with pytest.raises(ConfigError, match=match):
+        TrainingConfig(connectome=kwargs)

@@ -210,12 +210,56 @@ def test_synthetic_determinism_and_stats():
 
 
 def test_synthetic_moderate_scale():
-    import time
-    t = time.perf_counter()
     d = FlyWireConnectome(use_cache=False).fetch_olfactory_circuit(ALL, source="synthetic", scale=5, degree_scale=2)
-    dt = time.perf_counter() - t
     n = sum(d.layer_sizes.values())
     assert 9_000 < n < 14_000 and d.layer_sizes["APL"] == 5
     assert len(d.edge_table) > 100_000
     assert d.edge_table.pre_id.dtype == np.int64 and d.edge_table.count.dtype == np.int32
-    assert dt < 10
+
+
+# -- options are per source --------------------------------------------------------------
+def test_every_source_declares_its_options_and_training_defaults():
+    from connectome.sources import SOURCES, training_options
+
+    for name, spec in SOURCES.items():
+        assert set(spec.training_defaults) <= set(spec.options), name
+    for name in ("flywire_v783_mb", "hemibrain_v1.2.1_mb", "synthetic"):
+        assert training_options(name) == {"orn_per_glomerulus": 8, "n_dn": 16}
+    assert training_options("cave") == {} and training_options("codex:/any/dir") == {}
+    # explicit options are used as given, never merged with the defaults
+    assert training_options("flywire_v783_mb", {"n_dn": 3}) == {"n_dn": 3}
+    assert training_options("cave", {}) == {}
+
+
+@pytest.mark.parametrize("source, option", [
+    ("cave", "n_dn"), ("codex:/any/dir", "orn_per_glomerulus"), ("flywire_v783_mb", "seed"),
+    ("hemibrain_v1.2.1_mb", "side"), ("synthetic", "client_factory"),
+])
+def test_an_option_the_source_does_not_accept_is_one_line(tmp_path, source, option):
+    from connectome.sources import SOURCES, check_source_options, resolve_source
+
+    spec, _ = resolve_source(source)
+    accepted = ", ".join(sorted(spec.options))
+    msg = f"source {spec.name}: unknown option {option!r}; accepted: {accepted}"
+    with pytest.raises(DataError) as exc:
+        check_source_options(source, {option: 1})
+    assert str(exc.value) == msg
+    # the fetcher refuses it before reading anything (a codex directory that does not exist)
+    with pytest.raises(DataError) as exc:
+        FlyWireConnectome(cache_dir=tmp_path).fetch_olfactory_circuit(ALL, source=source, **{option: 1})
+    assert str(exc.value) == msg
+    assert SOURCES[spec.name] is spec
+
+
+def test_training_defaults_build_a_circuit_from_codex_and_cave(tmp_path):
+    """Codex and cave select the real ORNs and DNs, so the circuit needs no model-layer options."""
+    from connectome.sources import training_options
+    from dmn_neuro.simulation.mechanism import DifferentiableOlfactoryCircuit
+
+    d = write_codex(tmp_path / "codex")
+    client = _fake_client()
+    for source, extra in ((f"codex:{d}", {}), ("cave", {"client_factory": lambda: client})):
+        circuit = DifferentiableOlfactoryCircuit.from_connectome(
+            source=source, cache_dir=tmp_path / "cache", source_options={**training_options(source), **extra})
+        assert circuit.structure.layer_sizes == {"ORN": 3, "PN": 2, "KC": 3, "APL": 1, "MBON": 2, "DN": 1}
+        assert sorted(set(circuit.orn_glomeruli)) == ["DA1", "VA1v"]

@@ -378,3 +378,98 @@ def test_shipped_circuit_engine_matches_snntorch_reference(kernel_calls):
     assert sum(int(g.abs().sum() > 0) for g in g_ref) >= len(params) - 2
     _assert_grads_close(grads(out), g_ref)
     assert kernel_calls["fwd"] >= 2 and kernel_calls["dgrad"] >= 2 and kernel_calls["wgrad"] >= 2
+
+
+# ---------------------------------------------------------------------------
+# the build cache is guarded: private directory, sha256 record, rebuild on mismatch
+# ---------------------------------------------------------------------------
+PLANTED_C = """
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void) {
+    FILE *f = fopen(MARKER, "w");
+    if (f) { fputs("constructor ran", f); fclose(f); }
+}
+"""
+
+
+def _planted_library(tmp_path, marker):
+    import subprocess
+
+    src = tmp_path / "planted.c"
+    src.write_text(PLANTED_C)
+    lib = tmp_path / "planted.so"
+    subprocess.run([kernels._compiler(), "-shared", "-fPIC", f'-DMARKER="{marker}"', "-o", str(lib), str(src)],
+                   check=True, capture_output=True, timeout=120)
+    return lib
+
+
+def _sha256(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_planted_library_is_rebuilt_never_loaded(fresh_kernels, tmp_path):
+    import ctypes
+    import shutil
+
+    assert kernels.library() is not None, kernels.load_error()
+    (target,) = fresh_kernels.glob("spike_ops-*.so")
+    record = target.with_name(target.name + ".sha256")
+    assert record.read_text().strip() == _sha256(target)
+    marker = tmp_path / "constructor_ran"
+    planted = _planted_library(tmp_path, marker)
+    for case in ("record of the real library", "no record", "symbolic link"):
+        kernels._reset_for_tests()
+        target.unlink()
+        if case == "symbolic link":
+            target.symlink_to(planted)
+        else:
+            shutil.copyfile(planted, target)
+        if case == "no record":
+            record.unlink()
+        assert kernels.library() is not None, kernels.load_error()
+        assert not marker.exists(), f"{case}: the planted library was loaded"
+        assert not target.is_symlink() and _sha256(target) != _sha256(planted), case
+        assert record.read_text().strip() == _sha256(target), case
+        W = _sparse_weight(30, 200, 0.1, seed=1)
+        S = _binary(8, 200, 0.2, seed=2)
+        torch.testing.assert_close(kernels.spike_matmul(S, kernels.csr_by_pre(W), 200), S @ W.t())
+    assert list(fresh_kernels.glob("spike_ops-*.so")) == [target] and not list(fresh_kernels.glob("*.tmp"))
+    ctypes.CDLL(str(planted))  # not vacuous: loading the planted library does run its constructor
+    assert marker.read_text() == "constructor ran"
+
+
+def test_the_cache_directory_is_private(fresh_kernels):
+    import stat
+
+    assert kernels.library() is not None, kernels.load_error()
+    assert stat.S_IMODE(fresh_kernels.stat().st_mode) == 0o700
+    (target,) = fresh_kernels.glob("spike_ops-*.so")
+    stamp = target.stat().st_mtime_ns
+    kernels._reset_for_tests()
+    fresh_kernels.chmod(0o777)
+    assert kernels.library() is not None, kernels.load_error()
+    assert stat.S_IMODE(fresh_kernels.stat().st_mode) == 0o700  # tightened
+    assert target.stat().st_mtime_ns == stamp  # and the verified library loaded, not rebuilt
+
+
+def test_a_cache_directory_of_another_user_is_refused(fresh_kernels, monkeypatch, caplog):
+    import os
+
+    fresh_kernels.mkdir(mode=0o755)
+    monkeypatch.setattr(kernels, "_euid", lambda: os.geteuid() + 1)  # as if someone else owned it
+    with caplog.at_level("WARNING", logger="dmn_neuro.simulation.engine.kernels"):
+        assert kernels.library() is None and not kernels.available()
+        assert kernels.library() is None
+    assert "belongs to another user" in kernels.load_error()
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "using torch instead" in warnings[0].getMessage()
+    assert not list(fresh_kernels.iterdir())  # nothing built or loaded there
+    assert (fresh_kernels.stat().st_mode & 0o777) == 0o755  # and not touched
+
+
+def test_a_cache_path_that_is_a_file_is_refused(fresh_kernels):
+    fresh_kernels.parent.mkdir(parents=True, exist_ok=True)
+    fresh_kernels.write_text("not a directory")
+    assert kernels.library() is None and kernels.load_error()

@@ -9,16 +9,25 @@ codex:DIR              FlyWire Codex CSV exports in DIR
 cave                   live FlyWire via caveclient (extra ``dmn-neuro[flywire]``)
 synthetic              seeded generator with literature statistics
 =====================  ==========================================================
+
+Options are per source: each :class:`SourceSpec` lists the options it accepts
+(with their defaults) and its *training defaults*, the options ``dmn-neuro
+train`` uses when its config names none (``connectome.source_options: null``).
+An option a source does not accept is a one-line error naming the option, the
+source and the accepted ones (:func:`check_source_options`).
 """
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
 from ..errors import DataError
+from . import bundled, cave, codex, synthetic
+from ._options import check_option_names
 
 
 @dataclass(frozen=True)
@@ -28,7 +37,10 @@ class SourceSpec:
     ``load(layers, **options) -> OlfactoryCircuitData``; ``version`` names the
     data release (part of the cache key); ``cacheable`` says whether results may
     be cached; ``fingerprint(options)`` returns extra cache-key text (e.g. the
-    size and mtime of input files).
+    size and mtime of input files). ``options``: every option ``load`` accepts,
+    with its default (``None``: none, or set by the source string, as codex's
+    ``directory``). ``training_defaults``: the options training uses when its
+    config names none; a subset of ``options``.
     """
 
     name: str
@@ -36,31 +48,13 @@ class SourceSpec:
     load: Callable
     cacheable: bool = True
     fingerprint: Optional[Callable[[Mapping], str]] = None
+    options: Mapping[str, object] = field(default_factory=dict)
+    training_defaults: Mapping[str, object] = field(default_factory=dict)
 
-
-def _bundled_flywire(layers, **options):
-    from .bundled import load_flywire_v783_mb
-    return load_flywire_v783_mb(layers, **options)
-
-
-def _bundled_hemibrain(layers, **options):
-    from .bundled import load_hemibrain_v121_mb
-    return load_hemibrain_v121_mb(layers, **options)
-
-
-def _codex(layers, **options):
-    from .codex import load_codex
-    return load_codex(layers, **options)
-
-
-def _cave(layers, **options):
-    from .cave import load_cave
-    return load_cave(layers, **options)
-
-
-def _synthetic(layers, **options):
-    from .synthetic import load_synthetic
-    return load_synthetic(layers, **options)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+        object.__setattr__(self, "training_defaults", MappingProxyType(dict(self.training_defaults)))
+        check_option_names(self.name, self.training_defaults, self.options)
 
 
 def _files_fingerprint(options: Mapping) -> str:
@@ -76,13 +70,17 @@ def _files_fingerprint(options: Mapping) -> str:
     return h.hexdigest()[:16]
 
 
+_BUNDLED = {"options": bundled.OPTIONS, "training_defaults": bundled.TRAINING_DEFAULTS}
 SOURCES: Dict[str, SourceSpec] = {
-    "flywire_v783_mb": SourceSpec("flywire_v783_mb", "v783", _bundled_flywire),
-    "hemibrain_v1.2.1_mb": SourceSpec("hemibrain_v1.2.1_mb", "v1.2.1", _bundled_hemibrain),
-    "codex": SourceSpec("codex", "v783", _codex, fingerprint=_files_fingerprint),
-    "cave": SourceSpec("cave", "v783", _cave, cacheable=True,
-                       fingerprint=lambda o: "client_factory" if o.get("client_factory") else ""),
-    "synthetic": SourceSpec("synthetic", "synthetic-1", _synthetic, cacheable=False),
+    "flywire_v783_mb": SourceSpec("flywire_v783_mb", "v783", bundled.load_flywire_v783_mb, **_BUNDLED),
+    "hemibrain_v1.2.1_mb": SourceSpec("hemibrain_v1.2.1_mb", "v1.2.1", bundled.load_hemibrain_v121_mb, **_BUNDLED),
+    # codex and cave read the real ORNs and DNs: no model-layer options, no training defaults
+    "codex": SourceSpec("codex", "v783", codex.load_codex, fingerprint=_files_fingerprint, options=codex.OPTIONS),
+    "cave": SourceSpec("cave", "v783", cave.load_cave, cacheable=True,
+                       fingerprint=lambda o: "client_factory" if o.get("client_factory") else "",
+                       options=cave.OPTIONS),
+    "synthetic": SourceSpec("synthetic", "synthetic-1", synthetic.load_synthetic, cacheable=False,
+                            options=synthetic.OPTIONS, training_defaults=synthetic.TRAINING_DEFAULTS),
 }
 
 DEFAULT_SOURCE = "flywire_v783_mb"
@@ -104,4 +102,17 @@ def resolve_source(source: str) -> Tuple[SourceSpec, Dict[str, object]]:
     return SOURCES[source], {}
 
 
-__all__ = ["SOURCES", "SourceSpec", "DEFAULT_SOURCE", "resolve_source"]
+def check_source_options(source: str, options: Mapping) -> SourceSpec:
+    """Raise a one-line DataError if ``source`` (as :func:`resolve_source` takes it) does not accept an option."""
+    spec, _ = resolve_source(source)
+    check_option_names(spec.name, options, spec.options)
+    return spec
+
+
+def training_options(source: str, options: Optional[Mapping] = None) -> Dict[str, object]:
+    """The options training passes to ``source``: ``options`` checked, or the source's training defaults if None."""
+    spec = check_source_options(source, options or {})
+    return dict(spec.training_defaults if options is None else options)
+
+
+__all__ = ["SOURCES", "SourceSpec", "DEFAULT_SOURCE", "resolve_source", "check_source_options", "training_options"]

@@ -17,13 +17,14 @@ Both add the model ORN and DN layers (see :mod:`connectome.sources.model`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import DataError
 from ..tables import TRANSMITTER_SIGN, EdgeTable, NeuronTable, OlfactoryCircuitData, normalize_transmitter
 from ._csv import read_columns, to_int
+from ._options import check_option_names
 from .model import MODEL_OPTIONS, add_model_layers, check_model_options, normalize_glomerulus
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -31,10 +32,10 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 _FLYWIRE_CLASS = {"ALPN": "PN", "Kenyon_Cell": "KC", "MBON": "MBON", "DAN": "DAN"}
 
 
-def _check_options(name: str, options: Mapping, allowed) -> None:
-    bad = sorted(set(options) - set(allowed))
-    if bad:
-        raise DataError(f"source {name}: unknown option {bad[0]!r}; known: {', '.join(sorted(allowed)) or 'none'}")
+#: Options of both bundled sources (the model layers' plus ``data_dir``, another copy of the data), with defaults.
+OPTIONS = {**MODEL_OPTIONS, "data_dir": None}
+#: What ``dmn-neuro train`` uses when the config names no source options (the shipped models' circuit).
+TRAINING_DEFAULTS = {"orn_per_glomerulus": 8, "n_dn": 16}
 
 
 def _read_edges(path: Path, pre_col: str, post_col: str) -> EdgeTable:
@@ -56,7 +57,7 @@ def _with_model_layers(neurons, edges, layers, options, source: str, version: st
 
 
 def load_flywire_v783_mb(layers: Sequence[str], data_dir=None, **options) -> OlfactoryCircuitData:
-    _check_options("flywire_v783_mb", options, MODEL_OPTIONS)
+    check_option_names("flywire_v783_mb", options, MODEL_OPTIONS)
     check_model_options(options)
     d = Path(data_dir) if data_dir is not None else DATA_DIR / "flywire_v783_mb"
     cols = read_columns(d / "neurons.csv", ["root_id", "cell_class", "cell_type", "nt", "sign"],
@@ -98,7 +99,7 @@ def _hemibrain_layer(cell_type: str) -> str:
 def load_hemibrain_v121_mb(layers: Sequence[str], data_dir=None, **options) -> OlfactoryCircuitData:
     from ..config import load_cell_types  # local: config reads YAML
 
-    _check_options("hemibrain_v1.2.1_mb", options, MODEL_OPTIONS)
+    check_option_names("hemibrain_v1.2.1_mb", options, MODEL_OPTIONS)
     check_model_options(options)
     d = Path(data_dir) if data_dir is not None else DATA_DIR / "hemibrain_v1.2.1_mb"
     cols = read_columns(d / "neurons.csv", ["body_id", "cell_type"], optional=["instance"])

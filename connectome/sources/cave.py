@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..tables import EdgeTable, NeuronTable, OlfactoryCircuitData
+from ._options import check_option_names
 from ._select import classify, glomerulus_of, select_dns, transmitters
 
 logger = logging.getLogger(__name__)
@@ -61,9 +62,7 @@ def _safe(exc: BaseException) -> str:
 
 
 def load_cave(layers: Sequence[str], **options) -> OlfactoryCircuitData:
-    bad = sorted(set(options) - set(OPTIONS))
-    if bad:
-        raise DataError(f"source cave: unknown option {bad[0]!r}; known: {', '.join(sorted(OPTIONS))}")
+    check_option_names("cave", options, OPTIONS)
     o = {**OPTIONS, **options}
     for key in ("batch_size", "row_limit", "min_synapses", "dn_min_synapses"):
         v = o[key]

@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import DataError
 from ..tables import EdgeTable, NeuronTable, OlfactoryCircuitData
 from ._csv import iter_rows, read_columns, to_int
+from ._options import check_option_names
 from ._select import classify, glomerulus_of, select_dns, transmitters
 
 OPTIONS = {"directory": None, "side": "right", "all_alpn": False, "dn_min_synapses": 10, "min_synapses": 5,
@@ -42,9 +43,7 @@ def _find(d: Path, stem: str, required: bool = True):
 
 
 def load_codex(layers: Sequence[str], **options) -> OlfactoryCircuitData:
-    bad = sorted(set(options) - set(OPTIONS))
-    if bad:
-        raise DataError(f"source codex: unknown option {bad[0]!r}; known: {', '.join(sorted(OPTIONS))}")
+    check_option_names("codex", options, OPTIONS)
     opts = {**OPTIONS, **options}
     d = Path(str(opts["directory"]))
     if not d.exists():

@@ -31,10 +31,14 @@ import numpy as np
 
 from ..errors import DataError
 from ..tables import EdgeTable, NeuronTable, OlfactoryCircuitData
+from ._options import check_option_names
 from .model import load_glomeruli
 
 OPTIONS = {"seed": 0, "scale": 1.0, "degree_scale": 1.0, "n_glomeruli": 51, "orn_per_glomerulus": 1,
            "n_kc": 2000, "n_dn": 4}
+#: What ``dmn-neuro train`` uses when the config names no source options: the ORN and DN
+#: layer sizes of the bundled sources' training defaults.
+TRAINING_DEFAULTS = {"orn_per_glomerulus": 8, "n_dn": 16}
 PRESETS = {"whole_brain": {"scale": 64.0, "degree_scale": 15.0}}
 _LOBES = ("KCg", "KCa'b'", "KCab")
 _LOBE_FRACTION = (0.45, 0.15, 0.40)
@@ -191,9 +195,7 @@ def generate(seed=0, scale=1.0, degree_scale=1.0, n_glomeruli=51, orn_per_glomer
 
 
 def load_synthetic(layers: Sequence[str], **options) -> OlfactoryCircuitData:
-    bad = sorted(set(options) - set(OPTIONS))
-    if bad:
-        raise DataError(f"source synthetic: unknown option {bad[0]!r}; known: {', '.join(sorted(OPTIONS))}")
+    check_option_names("synthetic", options, OPTIONS)
     if "DAN" in layers:
         raise DataError("source synthetic has no DAN layer; valid here: ORN, PN, KC, APL, MBON, DN")
     neurons, edges, prov, meta = generate(**options)

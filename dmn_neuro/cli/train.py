@@ -26,7 +26,7 @@ def _load_config(config_path: Optional[str], **overrides):
 
 @click.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML training config (sections connectome, circuit, environment, loss, optimisation + run settings; see TrainingConfig). Old flat configs are read too.")
-@click.option("--source", default=None, help="Connectome source (flywire_v783_mb, hemibrain_v1.2.1_mb, codex:DIR, synthetic).")
+@click.option("--source", default=None, help="Connectome source (flywire_v783_mb, hemibrain_v1.2.1_mb, codex:DIR, cave, synthetic); without source_options in the config it gets that source's training defaults.")
 @click.option("--episodes", type=click.IntRange(0, 10_000_000), default=None, help="Training episodes (optimiser steps); 0 writes the untrained checkpoint.")
 @click.option("--steps", type=click.IntRange(1, 1_000_000), default=None, help="Override episode_length_steps.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=None)

@@ -352,7 +352,12 @@ class DifferentiableOlfactoryCircuit(nn.Module):
         cls, source: str = "flywire_v783_mb", cache_dir=None, use_cache: bool = True,
         source_options: Optional[Dict[str, object]] = None, **kwargs,
     ) -> "DifferentiableOlfactoryCircuit":
-        """Build the circuit from a connectome source (bundled FlyWire v783 by default)."""
+        """Build the circuit from a connectome source (bundled FlyWire v783 by default).
+
+        ``source_options`` go to the source as given (each source accepts its own,
+        ``connectome.sources.SOURCES[name].options``); ``None`` means the source's
+        own defaults, not training's (``ConnectomeConfig.resolved_source_options``).
+        """
         from connectome.fetch_data import FlyWireConnectome
 
         data = FlyWireConnectome(use_cache=use_cache, cache_dir=cache_dir).fetch_olfactory_circuit(

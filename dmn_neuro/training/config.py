@@ -40,7 +40,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import yaml
 
 from dmn_neuro.environment.arena import ArenaConfig
-from dmn_neuro.errors import ConfigError
+from dmn_neuro.errors import ConfigError, DataError
 from dmn_neuro.simulation import semantics
 from dmn_neuro.simulation.neurons import DEFAULT_SURROGATE, DEFAULT_SURROGATE_SLOPE, SURROGATES
 
@@ -132,15 +132,36 @@ LIMITS: Dict[str, int] = {"num_episodes": 10_000_000, "episode_length_steps": 1_
 
 @dataclass
 class ConnectomeConfig:
-    """Stage 1: which connectome (``dmn-neuro connectome sources``) and its reader options."""
+    """Stage 1: which connectome (``dmn-neuro connectome sources``) and its reader options.
+
+    ``source_options`` are the source's own (each source accepts different ones;
+    ``connectome.sources.SOURCES[name].options``). ``None`` (the default) means
+    the source's training defaults: ``{orn_per_glomerulus: 8, n_dn: 16}`` for
+    the bundled and synthetic sources (the shipped models' circuit), none for
+    codex and cave, which read the real ORNs and DNs. A mapping is used as
+    given, so a config or checkpoint that spells its options out keeps its
+    meaning. An option the source does not accept is an error here.
+    """
 
     source: str = "flywire_v783_mb"
-    source_options: Dict[str, Any] = field(default_factory=lambda: {"orn_per_glomerulus": 8, "n_dn": 16})
+    source_options: Optional[Dict[str, Any]] = None
 
     def __post_init__(self) -> None:
+        from connectome.sources import check_source_options
+
         if not isinstance(self.source, str) or not self.source:
             raise ConfigError(f"config: connectome.source must be a non-empty string, got {self.source!r}")
-        _check_mapping(self, "connectome.", "source_options")
+        _check_mapping(self, "connectome.", "source_options", optional=True)
+        try:
+            check_source_options(self.source, self.source_options or {})
+        except DataError as exc:
+            raise ConfigError(f"config: connectome: {exc}") from None
+
+    def resolved_source_options(self) -> Dict[str, Any]:
+        """The options the circuit is built with: ``source_options``, or the source's training defaults."""
+        from connectome.sources import training_options
+
+        return training_options(self.source, self.source_options)
 
 
 @dataclass

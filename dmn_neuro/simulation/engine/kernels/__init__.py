@@ -3,10 +3,22 @@
 The C source next to this file (``spike_ops.c``) is compiled on first use with
 the system C compiler (``$CC``, else ``cc``/``gcc``) into the kernel cache
 (``$DMN_NEURO_KERNEL_CACHE``, else ``$DMN_NEURO_CACHE/kernels``, else
-``~/.cache/dmn-neuro/kernels``), keyed by the source, the compiler flags and the
-CPU, and loaded with :mod:`ctypes`. Without a compiler, with
-``DMN_NEURO_KERNELS=0``, or on anything but float32 CPU tensors, callers fall
-back to plain torch (same results; see :mod:`dmn_neuro.simulation.engine`).
+``~/.cache/dmn-neuro/kernels``) and loaded with :mod:`ctypes`. Without a
+compiler, with ``DMN_NEURO_KERNELS=0``, with a cache directory that is not ours,
+or on anything but float32 CPU tensors, callers fall back to plain torch (same
+results; see :mod:`dmn_neuro.simulation.engine`).
+
+Loading a shared library runs its code, so the cache is guarded:
+
+* the file name ``spike_ops-<hash>.so`` carries the sha256 of the C source, the
+  compiler (path and ``--version``), the flags and the CPU;
+* the cache directory is private: created with mode 0700, tightened to 0700 if
+  it is ours and looser, refused (torch fallback, one warning) if another user
+  owns it or it is not a directory;
+* each build records the sha256 of the library in ``spike_ops-<hash>.so.sha256``
+  (written atomically, like the library); before loading, the library's sha256
+  is recomputed from the open file and compared with it. A missing or different
+  record means the library is rebuilt, never loaded.
 
 Why: in the fused engine a feed-forward projection is one GEMM over all
 ``T*B`` rows. The presynaptic side is binary and sparse (PN ~10 %, KC ~0.2 %
@@ -31,6 +43,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -99,8 +112,68 @@ def _compiler() -> Optional[str]:
     return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
+_compiler_ids: Dict[str, str] = {}
+
+
+def _compiler_id(cc: str) -> str:
+    """The compiler's resolved path and first ``--version`` line (part of the library's name)."""
+    if cc not in _compiler_ids:
+        try:
+            res = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+            version = (res.stdout.strip().splitlines() or [""])[0]
+        except (OSError, subprocess.SubprocessError):
+            version = ""
+        _compiler_ids[cc] = f"{os.path.realpath(cc)}\0{version}"
+    return _compiler_ids[cc]
+
+
+def _euid() -> Optional[int]:
+    """Our effective uid (``None`` where the OS has none: no ownership checks there)."""
+    return os.geteuid() if hasattr(os, "geteuid") else None
+
+
+def _private_cache_dir() -> Path:
+    """The kernel cache, created 0700 or tightened to 0700; OSError if it cannot be ours alone."""
+    d = cache_dir()
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.stat(d)
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(f"kernel cache {d} is not a directory")
+    if _euid() is not None and st.st_uid != _euid():
+        raise OSError(f"kernel cache {d} belongs to another user (uid {st.st_uid}); not loading code from it")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(d, 0o700)
+        logger.info("kernel cache %s was mode %o; tightened to 700", d, stat.S_IMODE(st.st_mode))
+    return d
+
+
+def _sha256_fd(fd: int) -> str:
+    h = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    for block in iter(lambda: os.read(fd, 1 << 20), b""):
+        h.update(block)
+    return h.hexdigest()
+
+
+def _sidecar(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
+def _write_atomic(target: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=str(target.parent))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _compile(cc: str, flags, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Build ``target`` and its sha256 record; both appear atomically (record first)."""
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=str(target.parent))
     os.close(fd)
     try:
@@ -108,10 +181,58 @@ def _compile(cc: str, flags, target: Path) -> None:
                              timeout=120)
         if res.returncode != 0:
             raise OSError((res.stderr.strip().splitlines() or ["compiler failed"])[-1])
+        rfd = os.open(tmp, os.O_RDONLY)
+        try:
+            digest = _sha256_fd(rfd)
+        finally:
+            os.close(rfd)
+        # record first: a loader that sees the new record with an older library rebuilds, never loads
+        _write_atomic(_sidecar(target), (digest + "\n").encode())
         os.replace(tmp, target)  # atomic: a concurrent loader never sees half a library
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _load_verified(target: Path) -> Optional[ctypes.CDLL]:
+    """Load ``target`` if its sha256 equals its record, else ``None`` (rebuild it).
+
+    The hash is taken from an open descriptor and, where ``/proc/self/fd`` exists,
+    the library is loaded through that same descriptor, so the bytes checked are
+    the bytes loaded.
+    """
+    try:
+        fd = os.open(target, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # e.g. a symbolic link planted under the name
+        logger.warning("kernel library %s cannot be opened (%s); rebuilding", target, exc)
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (_euid() is not None and st.st_uid != _euid()):
+            logger.warning("kernel library %s is not a regular file of ours; rebuilding", target)
+            return None
+        try:
+            recorded = _sidecar(target).read_text().strip()
+        except (FileNotFoundError, UnicodeDecodeError):
+            logger.info("kernel library %s has no sha256 record; rebuilding", target)
+            return None
+        if _sha256_fd(fd) != recorded:
+            logger.warning("kernel library %s does not match its recorded sha256; rebuilding", target)
+            return None
+        via_fd = Path(f"/proc/self/fd/{fd}")
+        return ctypes.CDLL(str(via_fd) if via_fd.exists() else str(target))
+    finally:
+        os.close(fd)
+
+
+def library_path(cc: str, flags) -> Path:
+    """Where the library built by ``cc`` with ``flags`` lives in the cache (see the module docstring)."""
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), _compiler_id(cc).encode(),
+                                     " ".join([*flags, *_COMMON_FLAGS]).encode(), platform.machine().encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:24]
+    return cache_dir() / f"spike_ops-{key}.so"
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -139,16 +260,21 @@ def library() -> Optional[ctypes.CDLL]:
         if cc is None:
             _load_error = "no C compiler found (set $CC)"
         else:
-            src = SOURCE.read_bytes()
+            try:
+                _private_cache_dir()
+            except OSError as exc:
+                _load_error = str(exc)
+        if _load_error is None:
             errors = []
             for flags in _FLAG_SETS:
-                key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags + _COMMON_FLAGS).encode(),
-                                                 platform.machine().encode(), _cpu_signature().encode()])).hexdigest()[:16]
-                target = cache_dir() / f"spike_ops-{key}.so"
+                target = library_path(cc, flags)
                 try:
-                    if not target.exists():
+                    lib = _load_verified(target)
+                    if lib is None:
                         _compile(cc, flags, target)
-                    lib = ctypes.CDLL(str(target))
+                        lib = _load_verified(target)
+                    if lib is None:
+                        raise OSError(f"{target} changed between build and load")
                     _declare(lib)
                     _lib = lib
                     break
