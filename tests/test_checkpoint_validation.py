@@ -417,3 +417,23 @@ def test_shipped_checkpoints_pass_validation(name, caplog):
     assert "cannot be rebuilt" not in caplog.text  # checked against the rebuilt connectome, not skipped
     assert "hashes" not in ck["meta"]["structure"]  # written before hashes were stored
     assert circuit.weight("APL", "KC").sign.tolist() == [-1.0]
+
+
+def test_circuit_built_from_data_directly_loads_and_keeps_its_hashes(tmp_path, caplog):
+    """The design document's API: a circuit from fetch_olfactory_circuit data (no APL, default
+    options) saved with a default config. Its source options are not recorded and the config's
+    do not rebuild it: it loads with a warning, and its stored hashes still catch tampering."""
+    from connectome.fetch_data import FlyWireConnectome
+    from dmn_neuro.training.config import TrainingConfig
+
+    data = FlyWireConnectome().fetch_olfactory_circuit(include_layers=["ORN", "PN", "KC", "MBON", "DN"])
+    c = DifferentiableOlfactoryCircuit(connectivity_data=data)
+    assert c.structure.source_options is None
+    p = save_checkpoint(tmp_path / "doc.pt", c, TrainingConfig(), episode=0)
+    with caplog.at_level(logging.WARNING, logger="dmn_neuro.training.checkpoint"):
+        load_circuit(p)
+    assert "source options are not recorded" in caplog.text and "only the hashes" in caplog.text
+    d = tmp_path / "doc_dir"
+    save_checkpoint(d, c, TrainingConfig(), episode=0)
+    _edit_tensors(d, _orn_pn_all_true)
+    assert _error(d).startswith("weights.ORN_to_PN.mask: content differs from the sha256 stored at save time")

@@ -15,6 +15,7 @@ Two execution paths with identical semantics:
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -129,6 +130,14 @@ class CircuitStructure:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise DMNError(f"circuit structure in checkpoint is malformed: {exc!r}") from None
+
+
+def _json_able(value) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _neuron_params(layers: Sequence[str]) -> Dict[str, Tuple[float, float, float]]:
@@ -382,9 +391,10 @@ class DifferentiableOlfactoryCircuit(nn.Module):
             include_layers=list(POPULATION_ORDER), source=source, **(source_options or {}),
         )
         circuit = cls(data, **kwargs)
-        # What a checkpoint needs to rebuild this wiring and check it (JSON-able options only).
+        # What a checkpoint needs to rebuild this wiring and check it (JSON-able options
+        # only: a cave client_factory cannot be stored, and cave is not rebuilt offline).
         circuit.structure.source_options = {k: v for k, v in sorted((source_options or {}).items())
-                                            if isinstance(v, (str, int, float, bool)) or v is None}
+                                            if _json_able(v)}
         return circuit
 
     # -- views used by the engine, exporters and losses ----------------------

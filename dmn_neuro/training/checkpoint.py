@@ -20,6 +20,19 @@ previous checkpoint or the new one, never a half-written one.
 Format versions: 1 stored the training config flat; 2 stores it in sections
 (:class:`~dmn_neuro.training.config.TrainingConfig`). Both are read
 (``TrainingConfig.from_dict`` migrates the flat form).
+
+Validation: every load checks checkpoint.json field by field
+(:func:`check_meta`) and the model tensors against the circuit and the
+connectome (:func:`validate_checkpoint`): shapes, dtypes, finite values,
+decays in (0, 1), thresholds > 0, Dale's-law signs of the presynaptic neurons'
+transmitters and masks equal to the connectome's synapses. ``structure`` in
+checkpoint.json holds the source options and sha256 hashes of every mask and
+sign vector (``structure.hashes``, written on save); where the source can be
+rebuilt offline the wiring is also compared with the connectome rebuilt with
+those options (checkpoints without hashes, like the shipped ones: this alone).
+Anything wrong is a one-line :class:`CheckpointError` naming the tensor or field,
+so ``evaluate``, ``export``, ``verify``, ``quantize`` and ``train --init-from``
+refuse a circuit that is not the fly's.
 """
 from __future__ import annotations
 
@@ -489,14 +502,14 @@ def _unrebuildable(source: str) -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=8)
-def reference_connectome(source: str, options_json: str):
-    """The connectome a checkpoint's circuit was built from, rebuilt with its source
-    options (JSON text, sorted keys); one load per process and (source, options)."""
+def reference_connectome(source: str, layers: Tuple[str, ...], options_json: str):
+    """The connectome a checkpoint's circuit was built from: ``layers`` of ``source``
+    rebuilt with its source options (JSON text, sorted keys); one load per process
+    and (source, layers, options) -- the connectome layer caches on disk as well."""
     from connectome.fetch_data import FlyWireConnectome
-    from dmn_neuro.simulation.mechanism import POPULATION_ORDER
 
-    return FlyWireConnectome().fetch_olfactory_circuit(
-        include_layers=list(POPULATION_ORDER), source=source, **json.loads(options_json))
+    return FlyWireConnectome().fetch_olfactory_circuit(include_layers=list(layers), source=source,
+                                                       **json.loads(options_json))
 
 
 def _reference_options(ck: Dict[str, Any], structure) -> Tuple[Optional[Dict[str, Any]], str]:
@@ -512,45 +525,68 @@ def _reference_options(ck: Dict[str, Any], structure) -> Tuple[Optional[Dict[str
                   f"structure source {structure.source!r})")
 
 
-def _check_against_connectome(ck, structure, sd, fail) -> None:
-    where = f"checkpoint {ck['path']}"
-    source = structure.source
-    reason = _unrebuildable(source)
-    options = None
-    if reason is None:
-        options, origin = _reference_options(ck, structure)
-        if options is None:
-            reason = origin
-    if reason is not None:
-        checked = ("only the hashes stored in the checkpoint were checked" if structure.hashes
-                   else "its masks and signs were not checked (the checkpoint stores no hashes)")
-        logger.warning("%s: the connectome %s cannot be rebuilt here (%s); %s", where, source, reason, checked)
-        return
-    try:
-        data = reference_connectome(source, json.dumps(options, sort_keys=True, default=str))
-    except (DMNError, TypeError, ValueError, OSError) as exc:
-        raise fail(origin, f"cannot rebuild the connectome {source} with {options} ({_first_line(exc)})") from None
-    from dmn_neuro.simulation.mechanism import DifferentiableOlfactoryCircuit
-
-    ref = DifferentiableOlfactoryCircuit._structure_from_data(data)
-    name = f"{ref.source} {ref.version}"
+def _identity_difference(structure, ref, name: str, origin: str, options) -> Optional[Tuple[str, str]]:
+    """(field, rule) where the stored neurons are not the rebuilt connectome's, or None."""
     if ref.version != structure.version:
-        raise fail("structure.version", f"{structure.version!r} but the connectome {ref.source} is {ref.version!r}")
+        return "structure.version", f"{structure.version!r} but the connectome {ref.source} is {ref.version!r}"
     for layer in sorted(set(ref.layer_sizes) | set(structure.layer_sizes)):
         a, b = structure.layer_sizes.get(layer, 0), ref.layer_sizes.get(layer, 0)
         if a != b:
-            raise fail(f"structure.layer_sizes.{layer}", f"{a:,} neurons but the connectome ({name}, {origin} "
-                                                         f"{options}) has {b:,}")
+            return (f"structure.layer_sizes.{layer}",
+                    f"{a:,} neurons but the connectome ({name}, {origin} {options}) has {b:,}")
     extra = [p for p in structure.projections if tuple(p) not in set(ref.projections)]
     if extra:
-        raise fail("structure.projections", f"{extra[0][0]}->{extra[0][1]} is not a projection of the connectome ({name})")
+        return "structure.projections", f"{extra[0][0]}->{extra[0][1]} is not a projection of the connectome ({name})"
     for layer, ids in ref.root_ids.items():
         got = structure.root_ids.get(layer)
         if got is None:
             continue  # hand-built structures may omit ids (exporters write -1)
         if list(got) != list(ids):
             i = next(j for j, (x, y) in enumerate(zip(got, ids)) if x != y)
-            raise fail(f"structure.root_ids.{layer}", f"neuron {i} is id {got[i]} but the connectome ({name}) has {ids[i]}")
+            return f"structure.root_ids.{layer}", f"neuron {i} is id {got[i]} but the connectome ({name}) has {ids[i]}"
+    return None
+
+
+def _check_against_connectome(ck, structure, sd, fail) -> None:
+    """Compare neurons, signs and masks with the connectome rebuilt with the checkpoint's
+    source options. Options recorded in ``structure`` (written by ``from_connectome``)
+    are authoritative: a difference is an error. Without them (older checkpoints, circuits
+    built from data directly) the config's connectome section is tried; if it does not
+    rebuild the stored neurons, the options are unknown and only the stored hashes apply."""
+    from dmn_neuro.simulation.mechanism import POPULATION_ORDER, DifferentiableOlfactoryCircuit
+
+    where = f"checkpoint {ck['path']}"
+    source = structure.source
+    layers = tuple(l for l in POPULATION_ORDER if l in structure.layer_sizes)
+    reason = _unrebuildable(source)
+    options, origin, data = None, "", None
+    if reason is None:
+        options, origin = _reference_options(ck, structure)
+        if options is None:
+            reason = origin
+    recorded = origin == "structure.source_options"
+    if reason is None:
+        try:
+            data = reference_connectome(source, layers, json.dumps(options, sort_keys=True, default=str))
+        except (DMNError, TypeError, ValueError, OSError) as exc:
+            if recorded:
+                raise fail(origin, f"cannot rebuild the connectome {source} with {options} "
+                                   f"({_first_line(exc)})") from None
+            reason = f"its source options are not recorded and the config's ({options}) do not load it"
+    if data is not None:
+        ref = DifferentiableOlfactoryCircuit._structure_from_data(data)
+        name = f"{ref.source} {ref.version}"
+        diff = _identity_difference(structure, ref, name, origin, options)
+        if diff is not None and recorded:
+            raise fail(*diff)
+        if diff is not None:
+            reason = (f"its source options are not recorded and the config's ({options}) rebuild another "
+                      f"circuit ({diff[0]}: {diff[1]})")
+    if reason is not None:
+        checked = ("only the hashes stored in the checkpoint were checked" if structure.hashes
+                   else "its masks and signs were not checked (the checkpoint stores no hashes)")
+        logger.warning("%s: the connectome %s cannot be rebuilt here (%s); %s", where, source, reason, checked)
+        return
     for pre, post in structure.projections:
         key = _wkey(pre, post)
         sign = sd[f"{key}.sign"].double().numpy()
