@@ -241,7 +241,7 @@ def test_checkpoint_stores_hashes_and_source_options(trained):
 def test_source_that_cannot_be_rebuilt_checks_the_stored_hashes(ck, caplog):
     """cave needs the network: the stored hashes alone are checked, with a warning saying so."""
     _edit_meta(ck, lambda m: m["structure"].__setitem__("source", "cave"))
-    with caplog.at_level(logging.WARNING, logger="dmn_neuro.training.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="dmn_neuro.training.checkpoint_checks"):
         load_circuit(ck)
     assert "cannot be rebuilt here" in caplog.text and "only the hashes stored in the checkpoint were checked" in caplog.text
     _edit_tensors(ck, _orn_pn_all_true)
@@ -430,7 +430,7 @@ def test_circuit_built_from_data_directly_loads_and_keeps_its_hashes(tmp_path, c
     c = DifferentiableOlfactoryCircuit(connectivity_data=data)
     assert c.structure.source_options is None
     p = save_checkpoint(tmp_path / "doc.pt", c, TrainingConfig(), episode=0)
-    with caplog.at_level(logging.WARNING, logger="dmn_neuro.training.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="dmn_neuro.training.checkpoint_checks"):
         load_circuit(p)
     assert "source options are not recorded" in caplog.text and "only the hashes" in caplog.text
     d = tmp_path / "doc_dir"
