@@ -15,6 +15,7 @@ Two execution paths with identical semantics:
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -87,13 +88,31 @@ class CircuitStructure:
     glomeruli: Dict[str, List[str]] = field(default_factory=dict)
     source: str = "unknown"
     version: str = "unknown"
+    #: The reader options the connectome was loaded with (``from_connectome``'s
+    #: ``source_options``); ``None`` when the circuit was built from data directly.
+    #: With ``source`` they let a checkpoint's wiring be rebuilt and compared.
+    source_options: Optional[Dict[str, object]] = None
+    #: Projections (``"PRE->POST"``) whose mask or weights the caller supplied
+    #: (``masks=`` / ``weights=``): their masks may drop connectome synapses
+    #: (ablations) but never add any.
+    user_masks: List[str] = field(default_factory=list)
+    #: Content hashes of the masks and sign vectors, written by
+    #: :func:`dmn_neuro.training.checkpoint.save_checkpoint` (empty until saved).
+    hashes: Dict[str, object] = field(default_factory=dict)
 
     def to_json(self) -> Dict[str, object]:
-        return {
+        out = {
             "layer_sizes": self.layer_sizes, "projections": [list(p) for p in self.projections],
             "provenance": self.provenance, "cell_types": self.cell_types, "root_ids": self.root_ids,
             "glomeruli": self.glomeruli, "source": self.source, "version": self.version,
         }
+        if self.source_options is not None:
+            out["source_options"] = self.source_options
+        if self.user_masks:
+            out["user_masks"] = list(self.user_masks)
+        if self.hashes:
+            out["hashes"] = self.hashes
+        return out
 
     @classmethod
     def from_json(cls, d: Dict[str, object]) -> "CircuitStructure":
@@ -105,9 +124,20 @@ class CircuitStructure:
                 root_ids={k: [int(i) for i in v] for k, v in d["root_ids"].items()},
                 glomeruli={k: list(v) for k, v in d.get("glomeruli", {}).items()},
                 source=str(d.get("source", "unknown")), version=str(d.get("version", "unknown")),
+                source_options=None if d.get("source_options") is None else dict(d["source_options"]),
+                user_masks=[str(k) for k in d.get("user_masks", [])],
+                hashes=dict(d.get("hashes", {})),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise DMNError(f"circuit structure in checkpoint is malformed: {exc!r}") from None
+
+
+def _json_able(value) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _neuron_params(layers: Sequence[str]) -> Dict[str, Tuple[float, float, float]]:
@@ -321,6 +351,8 @@ class DifferentiableOlfactoryCircuit(nn.Module):
                 w = ConstrainedWeight(torch.zeros(n_post, n_pre), torch.ones(n_pre), torch.zeros(n_post, n_pre, dtype=torch.bool))
             if (pre, post) in given_m:
                 _apply_mask(w, given_m[(pre, post)], key)
+            if ((pre, post) in given_w or (pre, post) in given_m) and key not in structure.user_masks:
+                structure.user_masks.append(key)
             if not learnable:
                 w.raw.requires_grad_(False)
             self.weights[self._wkey(pre, post)] = w.to(device) if device is not None else w
@@ -363,7 +395,12 @@ class DifferentiableOlfactoryCircuit(nn.Module):
         data = FlyWireConnectome(use_cache=use_cache, cache_dir=cache_dir).fetch_olfactory_circuit(
             include_layers=list(POPULATION_ORDER), source=source, **(source_options or {}),
         )
-        return cls(data, **kwargs)
+        circuit = cls(data, **kwargs)
+        # What a checkpoint needs to rebuild this wiring and check it (JSON-able options
+        # only: a cave client_factory cannot be stored, and cave is not rebuilt offline).
+        circuit.structure.source_options = {k: v for k, v in sorted((source_options or {}).items())
+                                            if _json_able(v)}
+        return circuit
 
     # -- views used by the engine, exporters and losses ----------------------
     def weight(self, pre: str, post: str) -> ConstrainedWeight:

@@ -21,7 +21,7 @@ import torch
 from dmn_neuro.training import checkpoint as ckpt
 from dmn_neuro.environment.agent import NavigationAgent, Rollout
 from dmn_neuro.training.config import TrainingConfig, resolve_device
-from dmn_neuro.errors import TrainingError
+from dmn_neuro.errors import CheckpointError, TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +254,16 @@ class DMNTrainer:
     def load_checkpoint(self, path: os.PathLike) -> None:
         """Restore model, optimiser, episode counter, loss history and RNG state."""
         circuit, ck = ckpt.load_circuit(path, device=self.device, engine=self.circuit.engine)
-        self.circuit.load_state_dict(circuit.state_dict())
+        # --init-from / --resume of another circuit (another source, other options):
+        # say what differs instead of failing deep inside load_state_dict.
+        diff = ckpt.structure_difference(circuit.structure, self.circuit.structure)
+        if diff is not None:
+            raise CheckpointError(f"checkpoint {path} is not the configured circuit: {diff}")
+        try:
+            self.circuit.load_state_dict(circuit.state_dict())
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint {path} does not fit the configured circuit "
+                                  f"({str(exc).splitlines()[0]})") from None
         ckpt.restore_optimizer(self.optimizer, ck)
         meta = ck["meta"]
         self.episode = int(meta.get("episode", 0))
