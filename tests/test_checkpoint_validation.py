@@ -393,6 +393,9 @@ def test_resume_with_other_source_options_names_what_differs(ck, tmp_path):
     data["connectome"]["source_options"]["n_dn"] = 8
     cfg.write_text(yaml.safe_dump(data))
     res = invoke("train", "--config", cfg, "--episodes", 1, "--eval-episodes", 0, "--resume", "--out", run)
+    assert_one_line_error(res, "connectome.source_options.n_dn None -> 8", where="in")
+    res = invoke("train", "--config", cfg, "--episodes", 1, "--eval-episodes", 0, "--resume", "--allow-config-change",
+                 "--out", run)
     assert_one_line_error(res, f"is not the configured circuit: layer DN has 4 neurons in the checkpoint but 8 in "
                                "the configured circuit")
 

@@ -253,7 +253,7 @@ def _reference_options(ck: Dict[str, Any], structure) -> Tuple[Optional[Dict[str
 
     cc = TrainingConfig.from_dict(ck["meta"]["config"]).connectome
     if cc.source == structure.source or cc.source.startswith("codex:") and structure.source.startswith("codex:"):
-        return dict(cc.source_options), "config.connectome.source_options"
+        return dict(cc.resolved_source_options()), "config.connectome.source_options"
     return None, (f"its source options are not recorded (config source {cc.source!r}, "
                   f"structure source {structure.source!r})")
 
