@@ -38,14 +38,13 @@ def files_under(root: Path) -> set:
 
 
 def check_failure(res, contains=None):
+    """One 'Error:' line (at most one more line of context), a non-zero exit, no traceback."""
     assert isinstance(res.exception, SystemExit), f"uncaught {res.exception!r}"
-    assert res.exit_code != 0
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("Error:")]
-    assert len(lines) <= 2 and len(errors) == 1, res.stderr
+    assert res.exit_code != 0 and len(lines) <= 2 and len(errors) == 1, res.stderr
     assert "Traceback" not in res.stderr + res.stdout
-    if contains is not None:
-        assert contains in errors[0], errors[0]
+    assert contains is None or contains in errors[0], errors[0]
     return errors[0]
 
 

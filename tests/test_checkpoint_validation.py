@@ -25,6 +25,7 @@ from dmn_neuro.training import checkpoint as ckpt
 from dmn_neuro.training.checkpoint import load_circuit, save_checkpoint
 
 from _helpers import REPO, TINY_YAML, make_trainer, tiny_config
+from _helpers import assert_one_line_error as one_line_error
 
 PRETRAINED = REPO / "examples" / "pretrained"
 SHIPPED = ("flywire_mb_navigator", "flywire_mb_navigator_loihi")
@@ -70,19 +71,9 @@ def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
 
 
-def assert_one_line_error(res, expected: str, where: str = "end") -> None:
-    """Non-zero exit, one stderr line 'Error: ...' ending with (``where="end"``) or
-    containing (``"in"``) ``expected``, no traceback."""
-    if hasattr(res, "exit_code"):
-        code, err, out = res.exit_code, res.stderr, res.stdout
-        assert isinstance(res.exception, SystemExit), f"uncaught {res.exception!r}"
-    else:
-        code, err, out = res.returncode, res.stderr, res.stdout
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code != 0
-    assert len(lines) == 1 and lines[0].startswith("Error:"), err
-    assert "Traceback" not in err + out
-    assert lines[0].endswith(expected) if where == "end" else expected in lines[0], lines[0]
+def assert_one_line_error(res, expected: str, where: str = "end") -> str:
+    """The shared check, with ``expected`` ending the line (``where="end"``) or inside it (``"in"``)."""
+    return one_line_error(res, **({"endswith": expected} if where == "end" else {"contains": expected}))
 
 
 # -- the three tampering cases of the issue, and their exact messages ---------------

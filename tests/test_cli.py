@@ -17,6 +17,7 @@ import yaml
 from click.testing import CliRunner
 
 from dmn_neuro.training.checkpoint import load_circuit
+from _helpers import assert_one_line_error
 from dmn_neuro.cli import cli
 from dmn_neuro.analysis.recording import run_open_loop
 
@@ -37,24 +38,6 @@ def subprocess_cli(*args: str, env=None, timeout: float = 300):
     e = dict(os.environ)
     e.update(env or {})
     return subprocess.run(exe + [str(a) for a in args], capture_output=True, text=True, env=e, timeout=timeout)
-
-
-def assert_one_line_error(res, *, contains=None, absent=()):
-    """Non-zero exit, exactly one non-empty stderr line starting with 'Error:', no traceback."""
-    if hasattr(res, "exit_code"):  # CliRunner
-        code, err, out = res.exit_code, res.stderr, res.stdout
-        assert isinstance(res.exception, SystemExit), f"uncaught {res.exception!r}"
-    else:
-        code, err, out = res.returncode, res.stderr, res.stdout
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code != 0
-    assert len(lines) == 1 and lines[0].startswith("Error:"), err
-    assert "Traceback" not in err + out
-    if contains:
-        assert contains in lines[0], lines[0]
-    for p in absent:
-        assert not Path(p).exists(), f"partial output left behind: {p}"
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
