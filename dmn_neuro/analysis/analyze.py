@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from dmn_neuro.errors import ConfigError
+from dmn_neuro.errors import ConfigError, DMNError
 
 #: Defaults of the command: about a minute on one CPU thread for the shipped model.
 DEFAULT_EPISODES = 25
@@ -60,6 +60,15 @@ def default_out_dir(checkpoint: os.PathLike) -> Path:
     return Path(str(p) + "_analysis")
 
 
+def check_out_dir(out: Path) -> None:
+    """Refuse an output directory that cannot be created (a file in its place or above it) before any work."""
+    for p in [out, *out.parents]:
+        if p.exists():
+            if not p.is_dir():
+                raise DMNError(f"cannot write {out}: {p} is a file, not a directory")
+            return
+
+
 def analyze_checkpoint(checkpoint: os.PathLike, out_dir: Optional[os.PathLike] = None, episodes: int = DEFAULT_EPISODES,
                        steps: Optional[int] = None, odor_steps: int = DEFAULT_ODOR_STEPS,
                        odors: Optional[Sequence[str]] = None, seed: int = DEFAULT_SEED, lesions: bool = True,
@@ -83,6 +92,8 @@ def analyze_checkpoint(checkpoint: os.PathLike, out_dir: Optional[os.PathLike] =
 
     if episodes < 0 or odor_steps < 1 or (steps is not None and steps < 1):
         raise ConfigError("analyze: episodes must be >= 0, steps and odor_steps >= 1")
+    out = Path(out_dir) if out_dir is not None else default_out_dir(checkpoint)
+    check_out_dir(out)
     circuit, ck = load_circuit(checkpoint, device=torch.device("cpu"))
     circuit = circuit.float()
     cfg = TrainingConfig.from_dict(ck["meta"]["config"]).replace(device="cpu")
@@ -110,7 +121,6 @@ def analyze_checkpoint(checkpoint: os.PathLike, out_dir: Optional[os.PathLike] =
         lesion_res = les.evaluate_lesions(circuit, cfg, plan, episodes, steps, seed=seed, progress=tick,
                                           keep_intact_rollouts=True)
         traj_man = mf.trajectory_manifold(lesion_res.pop("_rollouts"), use_umap=use_umap)
-    out = Path(out_dir) if out_dir is not None else default_out_dir(checkpoint)
     result: Dict[str, Any] = {
         "checkpoint": str(checkpoint), "out_dir": str(out), "episode": int(ck["meta"].get("episode", 0)),
         "settings": {"episodes": int(episodes), "steps": steps, "odor_steps": int(odor_steps), "seed": int(seed),
