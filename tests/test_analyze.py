@@ -212,3 +212,17 @@ def test_analyze_cli_in_a_real_process(tiny, tmp_path):
     assert res["lesions"]["lesions"] == {} and "intact" in res["lesions"]
     assert sorted(res["kc_coding"]["fraction_responding"]) == sorted(ODORS[:3])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["analysis.json", "kc_coding.npz"]
+
+
+def test_pca_ignores_constant_features_and_handles_no_variance():
+    from dmn_neuro.analysis.manifold import pca
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(50, 6))
+    wide = np.concatenate([x, np.zeros((50, 40)), np.full((50, 3), 2.0)], axis=1)
+    a, b = pca(x, k=4), pca(wide, k=4)
+    np.testing.assert_allclose(np.abs(a["scores"]), np.abs(b["scores"]), atol=1e-9)
+    np.testing.assert_allclose(a["explained_variance_ratio"], b["explained_variance_ratio"])
+    assert b["components"].shape == (4, 49) and np.all(b["components"][:, 6:] == 0)
+    z = pca(np.ones((10, 5)), k=3)
+    assert z["participation_ratio"] == 0.0 and z["scores"].shape == (10, 3)

@@ -36,13 +36,21 @@ def pca(x: np.ndarray, k: int = N_COMPONENTS) -> Dict[str, np.ndarray]:
     x = np.asarray(x, dtype=np.float64)
     mean = x.mean(0)
     xc = x - mean
-    _, s, vt = np.linalg.svd(xc, full_matrices=False)
+    # constant features (e.g. KCs silent throughout) carry no variance: leave them out of the SVD
+    live = np.flatnonzero(np.ptp(x, axis=0) > 0) if x.shape[0] else np.arange(0)
+    if live.size == 0:
+        k = int(max(0, min(k, x.shape[1])))
+        return {"components": np.zeros((k, x.shape[1])), "scores": np.zeros((x.shape[0], k)),
+                "explained_variance_ratio": np.zeros(k), "mean": mean, "participation_ratio": 0.0}
+    _, s, vt_live = np.linalg.svd(xc[:, live], full_matrices=False)
     var = s ** 2
     total = var.sum()
-    k = int(min(k, vt.shape[0]))
-    ratio = var[:k] / total if total > 0 else np.zeros(k)
-    return {"components": vt[:k], "scores": xc @ vt[:k].T, "explained_variance_ratio": ratio, "mean": mean,
-            "participation_ratio": float(total ** 2 / (var ** 2).sum()) if total > 0 else 0.0}
+    k = int(min(k, vt_live.shape[0]))
+    vt = np.zeros((k, x.shape[1]))
+    vt[:, live] = vt_live[:k]
+    ratio = var[:k] / total
+    return {"components": vt, "scores": xc[:, live] @ vt_live[:k].T, "explained_variance_ratio": ratio,
+            "mean": mean, "participation_ratio": float(total ** 2 / (var ** 2).sum())}
 
 
 def _bin(spikes: np.ndarray, bin_steps: int) -> np.ndarray:
