@@ -183,6 +183,16 @@ CASES = [
     ("quantize-nan", ["quantize", "{ck}", "-o", "{o}/q", "--leak-lsb", "nan"], "not a number"),
     ("quantize-episodes", ["quantize", "{ck}", "-o", "{o}/q", "--finetune-episodes", "-1"], "--finetune-episodes"),
     ("quantize-under-file", ["quantize", "{ck}", "-o", "{d}/regular_file/q"], None),
+    ("analyze-missing", ["analyze", "{d}/nock", "--out", "{o}/a"], "not found"),
+    ("analyze-not-a-checkpoint", ["analyze", "{d}", "--out", "{o}/a"], None),
+    ("analyze-episodes-negative", ["analyze", "{ck}", "--episodes", "-1", "--out", "{o}/a"], "--episodes"),
+    ("analyze-steps-0", ["analyze", "{ck}", "--steps", "0", "--out", "{o}/a"], "--steps"),
+    ("analyze-odor-steps-0", ["analyze", "{ck}", "--odor-steps", "0", "--out", "{o}/a"], "--odor-steps"),
+    ("analyze-seed-negative", ["analyze", "{ck}", "--seed", "-1", "--out", "{o}/a"], "--seed"),
+    ("analyze-odors-empty", ["analyze", "{ck}", "--odors", ",,,", "--out", "{o}/a"], "names no odor"),
+    ("analyze-odor-unknown", ["analyze", "{ck}", "--odors", "dragon breath", "--out", "{o}/a"], "dragon"),
+    ("analyze-out-under-file", ["analyze", "{ck}", "--episodes", "0", "--odor-steps", "5", "--odors", "ethyl acetate",
+                                "--no-figures", "--out", "{d}/regular_file/a"], None),
 ]
 
 
@@ -208,6 +218,7 @@ def test_there_are_at_least_sixty_kinds():
     ["evaluate", "{ck}", "--steps", "-5"],
     ["run", "{ck}", "--input", "{d}/huge.npy", "--out", "{o}/s.npz"],
     ["export", "{ck}", "--format", "nir", "-o", "{d}/regular_file/m.nir"],
+    ["analyze", "{d}/nock", "--out", "{o}/a"],
 ])
 def test_bad_input_in_a_real_process(fx, tmp_path, argv):
     fill = {"ck": fx["ck"], "d": fx["d"], "o": tmp_path}

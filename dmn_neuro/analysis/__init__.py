@@ -18,6 +18,8 @@ _EXPORTS = {
     "trajectories": "dmn_neuro.analysis.plots",
     "trajectories_before_after": "dmn_neuro.analysis.plots",
     "write_json": "dmn_neuro.analysis.plots",
+    "analyze_checkpoint": "dmn_neuro.analysis.analyze",
+    "lesioned": "dmn_neuro.analysis.lesions",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

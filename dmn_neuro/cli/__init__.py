@@ -123,6 +123,9 @@ def _register() -> None:
     cli.add_command(export)
     cli.add_command(verify)
     cli.add_command(quantize_cmd)
+    from dmn_neuro.cli.analyze import analyze
+
+    cli.add_command(analyze)
 
 
 _register()
