@@ -46,8 +46,9 @@ def test_reset_seeded_and_varied():
     a = arena.reset(64, torch.Generator().manual_seed(5))
     b = arena.reset(64, torch.Generator().manual_seed(5))
     c = arena.reset(64, torch.Generator().manual_seed(6))
-    for x, y in zip(a[:-1], b[:-1]):
-        assert torch.equal(x, y)
+    for name in ("pos", "heading", "motor", "source", "odor", "start_pos"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    assert a.conditions is None  # the fixed arena draws no per-episode conditions
     assert not torch.equal(a.source, c.source)
     # sources and starts vary per episode, within the configured ranges
     assert a.source[:, :2].std(0).min() > 3.0
@@ -222,3 +223,79 @@ def test_cuda_matches_cpu():
     pa, _ = arena.rollout_kinematics(drive, drive * 0.5, a)
     pb, _ = arena.rollout_kinematics(drive.cuda(), drive.cuda() * 0.5, b)
     torch.testing.assert_close(pa, pb.cpu(), atol=1e-4, rtol=1e-5)
+
+
+# -- training distribution ------------------------------------------------------------
+RANDOM_ARENA = dict(concentration_range=(0.25, 4.0), plumes=("exponential", "gaussian", "inverse_square"),
+                    plume_length_range_mm=(10.0, 20.0), wind_speed_range=(0.0, 5.0))
+
+
+def test_distribution_draws_each_condition_within_its_range():
+    from dmn_neuro.environment.arena import PLUMES
+
+    arena = OdorArena(ArenaConfig(**RANDOM_ARENA))
+    s = arena.reset(512, torch.Generator().manual_seed(3))
+    c = s.conditions
+    assert c is not None and c.peak.shape == (512,) and c.wind.shape == (512, 2)
+    assert torch.all((c.peak >= 0.25 - 1e-6) & (c.peak <= 4.0 + 1e-6))
+    assert abs(float(torch.log(c.peak).mean())) < 0.15  # log-uniform around 1 = geometric mean of 0.25 and 4
+    assert set(c.plume.tolist()) == set(range(len(PLUMES)))
+    assert torch.all((c.length >= 10.0) & (c.length <= 20.0))
+    speed = c.wind.norm(dim=-1)
+    assert torch.all(speed <= 5.0 + 1e-5) and speed.std() > 0.5
+    assert (c.wind[:, 0] < 0).any() and (c.wind[:, 1] < 0).any()  # directions all round
+    # conditions survive steps
+    s2, _ = arena.step(s, torch.zeros(512, N_DN), torch.zeros(512, N_DN))
+    assert s2.conditions is c
+
+
+def test_distribution_leaves_the_fixed_episodes_unchanged():
+    """Per-episode conditions are drawn after the fixed arena's numbers: same sources, starts and odors."""
+    fixed = OdorArena(ArenaConfig()).reset(32, torch.Generator().manual_seed(9))
+    rand = OdorArena(ArenaConfig(**RANDOM_ARENA)).reset(32, torch.Generator().manual_seed(9))
+    for name in ("pos", "heading", "source", "odor"):
+        assert torch.equal(getattr(fixed, name), getattr(rand, name))
+
+
+@pytest.mark.parametrize("plume", ["exponential", "gaussian", "inverse_square"])
+def test_per_episode_field_matches_the_configured_plume(plume):
+    """A randomised arena's episode gives the same concentrations as a fixed arena set to its conditions."""
+    arena = OdorArena(ArenaConfig(**{**RANDOM_ARENA, "plumes": (plume,)}))
+    s = arena.reset(8, torch.Generator().manual_seed(1))
+    c = s.conditions
+    got = arena.concentration(s)
+    for b in range(8):
+        fixed = OdorArena(ArenaConfig(plume=plume, plume_sigma_mm=float(c.length[b]), plume_d0_mm=float(c.length[b]),
+                                      peak_concentration=float(c.peak[b]), wind=tuple(c.wind[b].tolist())))
+        one = s._replace(pos=s.pos[b:b + 1], heading=s.heading[b:b + 1], source=s.source[b:b + 1], conditions=None)
+        assert torch.allclose(got[b], fixed.concentration(one)[0], rtol=1e-4, atol=1e-7)
+
+
+def test_held_out_odors_are_declared_apart_from_training():
+    cfg = ArenaConfig(odors=("isopentyl acetate", "ethyl acetate"), held_out_odors=("1-hexanol", "butyl acetate"))
+    assert cfg.held_out_odors == ("1-hexanol", "butyl acetate")
+    with pytest.raises(ConfigError, match="both a training odor"):
+        ArenaConfig(odors=("isopentyl acetate",), held_out_odors=("1-hexanol", "isoamyl acetate"))  # an alias
+    with pytest.raises(ConfigError, match="unknown odor"):
+        ArenaConfig(held_out_odors=("unobtainium",))
+    arena = OdorArena(cfg)
+    s = arena.reset(256, torch.Generator().manual_seed(0))
+    assert set(s.odor.tolist()) == set(arena.odor_indices)  # only training odors are ever drawn
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("concentration_range", (0.0, 1.0), "concentration_range"),
+    ("concentration_range", (2.0, 1.0), "concentration_range"),
+    ("plume_length_range_mm", (5.0,), "plume_length_range_mm"),
+    ("wind_speed_range", (-1.0, 2.0), "wind_speed_range"),
+    ("plumes", ("smoke",), "plumes"),
+    ("peak_concentration", -1.0, "peak_concentration"),
+])
+def test_distribution_validation(field, value, match):
+    with pytest.raises(ConfigError, match=match):
+        ArenaConfig(**{field: value})
+
+
+def test_zero_peak_concentration_is_odor_removed():
+    s = OdorArena(ArenaConfig(peak_concentration=0.0)).reset(4, torch.Generator().manual_seed(0))
+    assert torch.all(OdorArena(ArenaConfig(peak_concentration=0.0)).concentration(s) == 0)

@@ -148,7 +148,7 @@ def test_evaluate_subprocess_is_deterministic(ckpt, tmp_path):
     assert (tmp_path / "e0" / "evaluation_trajectories.png").is_file()
 
 
-def test_single_file_checkpoint_evaluates_like_its_directory(ckpt, tmp_path):
+def test_single_file_checkpoint_evaluates_like_its_directory(ckpt, tmp_path, monkeypatch):
     """A .pt checkpoint (trainer.save_checkpoint('x.pt')) works wherever a directory does."""
     from dmn_neuro.training.checkpoint import read_checkpoint, save_checkpoint
     from dmn_neuro.training.config import TrainingConfig
@@ -159,11 +159,14 @@ def test_single_file_checkpoint_evaluates_like_its_directory(ckpt, tmp_path):
     assert pt.is_file() and read_checkpoint(pt)["meta"]["config"] == ck["meta"]["config"]
     args = ["--episodes", 2, "--steps", 30, "--json", "--device", "cpu"]
     a = invoke("evaluate", ckpt, *args, "--out", tmp_path / "e_dir")
+    monkeypatch.chdir(tmp_path)
     b = invoke("evaluate", pt, *args)
     assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output + repr(b.exception)
     ra, rb = json.loads(a.stdout), json.loads(b.stdout)
     assert {k: v for k, v in ra.items() if k != "checkpoint"} == {k: v for k, v in rb.items() if k != "checkpoint"}
-    assert (tmp_path / "model_eval" / "evaluation.json").is_file()  # default --out next to the file
+    # default --out: ./evaluation/<checkpoint name>_<conditions>, never beside or inside the checkpoint
+    assert (tmp_path / "evaluation" / "model_steps-30" / "evaluation.json").is_file()
+    assert not (tmp_path / "model_eval").exists()
 
 
 # -- run -----------------------------------------------------------------------------

@@ -213,3 +213,45 @@ def test_source_options_are_checked_at_config_time(kwargs, match):
     assert "\n" not in str(exc.value)
     with pytest.raises(ConfigError, match=match):
         TrainingConfig(connectome=kwargs)
+
+
+# -- training distribution and held-out odors ---------------------------------------------
+def test_training_and_held_out_odors_are_recorded_in_the_config():
+    cfg = TrainingConfig(environment={"arena": {"odors": ["isopentyl acetate", "ethyl acetate"],
+                                                "held_out_odors": ["1-hexanol"], "concentration_range": [0.25, 4.0],
+                                                "plumes": ["gaussian", "exponential"],
+                                                "plume_length_range_mm": [10, 20], "wind_speed_range": [0, 5]}})
+    env = cfg.environment
+    assert env.train_odors == ("isopentyl acetate", "ethyl acetate") and env.held_out_odors == ("1-hexanol",)
+    d = cfg.to_dict()
+    assert d["environment"]["arena"]["held_out_odors"] == ["1-hexanol"]
+    again = TrainingConfig.from_dict(json.loads(json.dumps(d)))
+    assert again.to_dict() == d and again.environment.arena.concentration_range == (0.25, 4.0)
+
+
+def test_defaults_declare_no_held_out_odors_and_no_distribution():
+    env = TrainingConfig().environment
+    assert env.train_odors == ("isopentyl acetate",) and env.held_out_odors == ()
+    assert not env.arena.randomised
+
+
+@pytest.mark.parametrize("environment", [
+    {"arena": {"odors": ["ethyl acetate"], "held_out_odors": ["Ethyl Acetate"]}},
+    {"odors": ["ethyl acetate", "1-hexanol"], "arena": {"held_out_odors": ["1-hexanol"]}},  # training set from odors
+])
+def test_an_odor_both_trained_and_held_out_is_a_one_line_error(environment):
+    with pytest.raises(ConfigError, match="both a training odor") as exc:
+        TrainingConfig(environment=environment)
+    assert "\n" not in str(exc.value) and str(exc.value).startswith("config: environment")
+
+
+def test_generalise_example_declares_a_stratified_third_held_out():
+    """examples/configs/generalise.yaml holds out exactly the documented, seeded split."""
+    from dmn_neuro.environment.odors import held_out_split, well_driving_odors
+
+    cfg = TrainingConfig.from_yaml(REPO / "examples" / "configs" / "generalise.yaml")
+    split = held_out_split(seed=0)
+    env = cfg.environment
+    assert list(env.train_odors) == split["train"] and list(env.held_out_odors) == split["held_out"]
+    assert len(env.held_out_odors) >= len(well_driving_odors()) / 3
+    assert "isopentyl acetate" in env.train_odors and env.arena.randomised

@@ -197,3 +197,47 @@ def test_bad_arguments():
         OdorEncoder([])
     with pytest.raises(ValueError):
         OdorEncoder(["DM2"], hill_k=-1.0)
+
+
+# -- held-out split and mixtures --------------------------------------------------------
+def test_chemical_classes_follow_the_table_order(data):
+    from dmn_neuro.environment.odors import chemical_classes
+
+    cls = chemical_classes(data)
+    assert set(cls) == set(data.odors) and "unclassified" not in cls.values()
+    assert cls["isopentyl acetate"] == "ester" and cls["1-hexanol"] == "alcohol"
+    assert cls["benzaldehyde"] == "aromatic" and cls["hexanal"] == "aldehyde" and cls["linalool"] == "terpene"
+    assert cls["2,3-butanedione"] == "ketone" and cls["2,3-butanediol"] == "alcohol"
+
+
+def test_held_out_split_is_seeded_stratified_and_a_third(data):
+    from dmn_neuro.environment.odors import chemical_classes, held_out_split, well_driving_odors
+
+    good = well_driving_odors(data)
+    assert len(good) == 67 and "glycerol" not in good and "isopentyl acetate" in good
+    a, b, c = held_out_split(seed=0), held_out_split(seed=0), held_out_split(seed=1)
+    assert a == b and a != c
+    assert not set(a["train"]) & set(a["held_out"]) and set(a["train"]) | set(a["held_out"]) == set(good)
+    assert len(a["held_out"]) == int(np.ceil(len(good) / 3))
+    assert {"isopentyl acetate", "ethyl acetate"} <= set(a["train"])
+    cls = chemical_classes(data)
+    for k in set(cls[o] for o in good):  # each class holds out floor or ceil of a third
+        n = sum(cls[o] == k for o in good if o not in ("isopentyl acetate", "ethyl acetate"))
+        h = sum(cls[o] == k for o in a["held_out"])
+        assert int(np.floor(n / 3)) <= h <= int(np.ceil(n / 3))
+
+
+def test_mixture_adds_the_components_response_changes(enc):
+    before = enc.n_odors
+    name = enc.add_mixture(["ethyl acetate", "1-hexanol"])
+    try:
+        assert name == "ethyl acetate + 1-hexanol" and enc.n_odors == before + 1
+        assert enc.odor_index(name) == before
+        r = enc.response
+        assert torch.equal(r[before], r[enc.odor_index("ethyl acetate")] + r[enc.odor_index("1-hexanol")])
+        assert enc.add_mixture(["ethyl acetate", "1-hexanol"]) == name and enc.n_odors == before + 1
+        with pytest.raises(ValueError, match="two odor names"):
+            enc.add_mixture(["ethyl acetate"])
+    finally:  # the fixture is shared: drop the mixture row again
+        enc.response = enc.response[:before]
+        enc.odors.pop()

@@ -1,6 +1,7 @@
 """``dmn-neuro train`` / ``evaluate`` / ``run``."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -71,17 +72,129 @@ def train(config_path, source, episodes, steps, batch_size, seed, device, engine
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "config"}))
 
 
+class _FiniteRange(click.FloatRange):
+    """A float range that also refuses NaN (which compares false with both bounds)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if value != value:
+            self.fail(f"{value} is not a number in the range {self._describe_range()}", param, ctx)
+        return value
+
+
+#: Ranges of the evaluation conditions (concentration relative to the Hallem 10^-2 dilution).
+MAX_CONCENTRATION = 100.0
+MAX_PLUME_LENGTH_MM = 500.0
+MAX_WIND_MM_S = 500.0
+MAX_START_DISTANCE_MM = 500.0
+MAX_MIXTURE_ODORS = 8
+
+
+def _check_odors(ctx, param, value):
+    """``--odor`` names: known Hallem & Carlson odors, no repeats, at most MAX_MIXTURE_ODORS."""
+    from dmn_neuro.environment.odors import OdorEncoder, load_hallem_carlson
+
+    if not value:
+        return ()
+    if len(value) > MAX_MIXTURE_ODORS:
+        raise click.BadParameter(f"a mixture takes 1 to {MAX_MIXTURE_ODORS} odors, got {len(value)}", ctx, param)
+    names = load_hallem_carlson().odors
+    out = []
+    for v in value:
+        try:
+            out.append(names[OdorEncoder._lookup(v, names)])
+        except Exception as exc:  # DataError: unknown odor, with close matches
+            raise click.BadParameter(" ".join(str(exc).split()), ctx, param) from None
+    if len(set(out)) != len(out):
+        raise click.BadParameter(f"an odor is named twice: {', '.join(out)}", ctx, param)
+    return tuple(out)
+
+
+def _check_start_distance(ctx, param, value):
+    if value is None:
+        return None
+    lo, hi = value
+    if not lo <= hi:
+        raise click.BadParameter(f"MIN must be <= MAX (each in 0 < x <= {MAX_START_DISTANCE_MM:g} mm), got {lo} {hi}",
+                                 ctx, param)
+    return (lo, hi)
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
+
+
+def condition_tag(odors=(), concentration=None, plume=None, plume_length=None, wind=None, start_distance=None,
+                  steps=None, odor_removed=False) -> str:
+    """Short name of the evaluation conditions ("default" when none is changed)."""
+    parts = []
+    if odors:
+        parts.append("odor-" + "+".join(odors))
+    if concentration is not None:
+        parts.append(f"conc-{concentration:g}")
+    if plume:
+        parts.append(plume)
+    if plume_length is not None:
+        parts.append(f"length-{plume_length:g}mm")
+    if wind is not None:
+        parts.append(f"wind-{wind:g}")
+    if start_distance is not None:
+        parts.append(f"start-{start_distance[0]:g}-{start_distance[1]:g}mm")
+    if steps is not None:
+        parts.append(f"steps-{steps}")
+    if odor_removed:
+        parts.append("odor_removed")
+    return _slug("_".join(parts)) or "default"
+
+
+def checkpoint_name(checkpoint) -> str:
+    """``run/checkpoints/best`` -> ``run_best``; ``model.pt`` -> ``model``; else the folder name."""
+    p = Path(str(checkpoint).rstrip("/")).resolve()
+    name = p.stem if p.suffix == ".pt" else p.name
+    if p.parent.name == "checkpoints" and p.parent.parent.name:
+        name = f"{p.parent.parent.name}_{name}"
+    return _slug(name) or "checkpoint"
+
+
 @click.command()
 @click.argument("checkpoint", type=click.Path())
 @click.option("--episodes", type=click.IntRange(1, 100_000), default=50, show_default=True, help="Held-out episodes.")
 @click.option("--seed", type=SEED, default=12345, show_default=True, help="Seed of the held-out source positions and start poses.")
 @click.option("--steps", type=click.IntRange(1, 1_000_000), default=None, help="Episode length (default: the checkpoint's training length).")
+@click.option("--odor", "odors", multiple=True, callback=_check_odors, metavar="NAME",
+              help=f"Odor of every episode (any Hallem & Carlson 2006 odor; aliases such as 'isoamyl acetate' accepted). "
+                   f"Repeat for a mixture (up to {MAX_MIXTURE_ODORS}): the components' ORN response changes add. "
+                   "Default: the checkpoint's training odors.")
+@click.option("--concentration", type=_FiniteRange(0.0, MAX_CONCENTRATION), default=None, metavar="X",
+              help="Peak concentration at the source relative to the reference (1 = the Hallem 10^-2 dilution, "
+                   "the shipped models' training concentration); 0 is odor removed. Default: the checkpoint's.")
+@click.option("--plume", type=click.Choice(["exponential", "gaussian", "inverse_square"]), default=None,
+              help="Plume shape of every episode. Default: the checkpoint's.")
+@click.option("--plume-length", type=_FiniteRange(0.0, MAX_PLUME_LENGTH_MM, min_open=True), default=None, metavar="MM",
+              help="Plume length scale (sigma of a gaussian, d0 otherwise). Default: the checkpoint's.")
+@click.option("--wind", type=_FiniteRange(0.0, MAX_WIND_MM_S), default=None, metavar="MM_PER_S",
+              help="Wind speed, blowing along +x (stretches the plume downwind). Default: the checkpoint's.")
+@click.option("--start-distance", type=(_FiniteRange(0.0, MAX_START_DISTANCE_MM, min_open=True),
+                                        _FiniteRange(0.0, MAX_START_DISTANCE_MM, min_open=True)),
+              default=None, callback=_check_start_distance, metavar="MIN MAX",
+              help="Start distance range (mm) from the source; the success radius stays the checkpoint's.")
 @click.option("--odor-removed", is_flag=True, help="Control: concentration forced to zero.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Where to write the figure and JSON (default CHECKPOINT_eval).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Where to write the figure and JSON (default ./evaluation/CHECKPOINTNAME_CONDITIONS in the current "
+                   "directory; never inside the checkpoint).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(checkpoint, episodes, seed, steps, odor_removed, device, out_dir, as_json):
-    """Success rate and trajectory metrics of a checkpoint on held-out episodes."""
+def evaluate(checkpoint, episodes, seed, steps, odors, concentration, plume, plume_length, wind, start_distance,
+             odor_removed, device, out_dir, as_json):
+    """Success rate and trajectory metrics of a checkpoint on held-out episodes.
+
+    Without condition flags the episodes are the checkpoint's training
+    conditions; each flag fixes one condition for every episode (overriding a
+    training range). The JSON also reports the checkpoint's train_odors and
+    held_out_odors and the conditions used.
+    """
     from dmn_neuro.analysis import plots
     from dmn_neuro.training.checkpoint import load_circuit
     from dmn_neuro.training.config import TrainingConfig, resolve_device
@@ -90,25 +203,70 @@ def evaluate(checkpoint, episodes, seed, steps, odor_removed, device, out_dir, a
     dev = resolve_device(device)
     circuit, ck = load_circuit(checkpoint, device=dev)
     cfg = TrainingConfig.from_dict(ck["meta"]["config"]).replace(device=device)
-    _, _, arena, agent, _ = build_components(cfg, circuit=circuit, device=dev)
+    declared = {"train_odors": list(cfg.environment.train_odors), "held_out_odors": list(cfg.environment.held_out_odors)}
+    cfg, mixture = evaluation_config(cfg, odors=odors, concentration=concentration, plume=plume,
+                                     plume_length=plume_length, wind=wind, start_distance=start_distance)
+    _, encoder, arena, agent, _ = build_components(cfg, circuit=circuit, device=dev)
+    if mixture:
+        from dmn_neuro.environment.arena import OdorArena
+
+        name = encoder.add_mixture(mixture)
+        arena = OdorArena(dataclasses.replace(arena.config, odors=(name,)), dt_ms=arena.dt_ms, encoder=encoder)
+        agent.arena = arena
     res = evaluate_agent(agent, cfg, episodes, seed=seed, odor_removed=odor_removed, episode_length=steps,
                          device=dev, return_rollouts=True)
     rollouts = res.pop("rollouts")
     res["checkpoint"] = str(checkpoint)
-    ck_path = Path(str(checkpoint).rstrip("/"))
-    if ck_path.suffix == ".pt":  # single-file checkpoint: best_model.pt -> best_model_eval
-        ck_path = ck_path.with_suffix("")
-    out = Path(out_dir) if out_dir else Path(str(ck_path) + "_eval")
+    res.update(declared)
+    res["conditions"] = {**arena.config.conditions(), "odor_removed": bool(odor_removed or arena.config.odor_removed),
+                         "episode_length_steps": res["episode_length_steps"]}
+    tag = condition_tag(odors, concentration, plume, plume_length, wind, start_distance, steps, odor_removed)
+    out = Path(out_dir) if out_dir else Path.cwd() / "evaluation" / f"{checkpoint_name(checkpoint)}_{tag}"
     out.mkdir(parents=True, exist_ok=True)
-    tag = "odor_removed" if odor_removed else "evaluation"
-    plots.trajectories(rollouts, arena, out / f"{tag}_trajectories.png",
+    kind = "odor_removed" if odor_removed else "evaluation"
+    plots.trajectories(rollouts, arena, out / f"{kind}_trajectories.png",
                        title=f"{Path(checkpoint).name}: success {res['success_rate']:.0%} ({episodes} held-out episodes)")
-    plots.write_json(out / f"{tag}.json", res)
+    plots.write_json(out / f"{kind}.json", res)
     if as_json:
         click.echo(json.dumps(res))
     else:
         for k, v in res.items():
             click.echo(f"{k:32s} {v}")
+
+
+def evaluation_config(cfg, odors=(), concentration=None, plume=None, plume_length=None, wind=None,
+                      start_distance=None):
+    """``cfg`` with its arena fixed to the given conditions (each ``None``/empty keeps the checkpoint's).
+
+    Returns ``(config, mixture)``: ``mixture`` is the tuple of odors to mix (the
+    caller adds it to the encoder) or ``()``. A named odor replaces the training
+    set and the held-out declaration (this arena is for evaluation only); the
+    encoder then covers every Hallem odor (it has no learned parameters, so its
+    odor table does not change the model). The success radius stays the
+    checkpoint's when the start distance changes.
+    """
+    arena = cfg.environment.arena_config()
+    changes = {}
+    mixture = ()
+    if odors:
+        changes.update(odors=(odors[0],), held_out_odors=())
+        mixture = tuple(odors) if len(odors) > 1 else ()
+    if concentration is not None:
+        changes.update(peak_concentration=float(concentration), concentration_range=None)
+    if plume is not None:
+        changes.update(plume=plume, plumes=())
+    if plume_length is not None:
+        changes.update(plume_sigma_mm=float(plume_length), plume_d0_mm=float(plume_length),
+                       plume_length_range_mm=None)
+    if wind is not None:
+        changes.update(wind=(float(wind), 0.0), wind_speed_range=None)
+    if start_distance is not None:
+        changes.update(start_distance_mm=tuple(start_distance), success_radius_mm=arena.success_radius)
+    if not changes:
+        return cfg, mixture
+    env = dataclasses.replace(cfg.environment, arena=dataclasses.replace(arena, **changes),
+                              odors=() if odors else cfg.environment.odors)
+    return cfg.with_values(environment=env), mixture
 
 
 @click.command()

@@ -41,6 +41,19 @@ Model (all lengths in mm, times in s unless named ``_ms``; positions are 3-D wit
 * **Walls.** ``x, y`` are clamped to ``[0, arena_size]``.
 * **Success** (for metrics): within ``success_radius_mm`` of the source at the
   end of the episode; the default radius is 10 % of the mean start distance.
+* **Training distribution** (all off by default, which is the fixed arena
+  above): ``concentration_range`` draws each episode's peak concentration
+  log-uniformly from ``[low, high]`` (replacing ``peak_concentration``);
+  ``plumes`` draws the plume type uniformly from that list (replacing
+  ``plume``); ``plume_length_range_mm`` draws the length scale (sigma or d0)
+  uniformly (replacing ``plume_sigma_mm`` / ``plume_d0_mm``);
+  ``wind_speed_range`` draws a wind speed uniformly and a direction uniformly
+  in 360 degrees (replacing ``wind``).  These draws come after the ones of the
+  fixed arena on the same generator, and only when one of them is on, so the
+  fixed arena's episodes are unchanged.  ``held_out_odors`` declares odors that
+  the arena never draws (an odor in both ``odors`` and ``held_out_odors`` is a
+  :class:`ConfigError`); it is a record for evaluation, kept in the checkpoint
+  with the config.
 """
 from __future__ import annotations
 
@@ -107,6 +120,11 @@ class ArenaConfig:
     odors: Tuple[str, ...] = ("isopentyl acetate",)
     odor_removed: bool = False
     success_radius_mm: Optional[float] = None
+    held_out_odors: Tuple[str, ...] = ()
+    concentration_range: Optional[Tuple[float, float]] = None
+    plumes: Tuple[str, ...] = ()
+    plume_length_range_mm: Optional[Tuple[float, float]] = None
+    wind_speed_range: Optional[Tuple[float, float]] = None
 
     def __post_init__(self) -> None:
         self.arena_size_mm = _tuple(self.arena_size_mm, 2, "arena_size_mm")
@@ -120,6 +138,7 @@ class ArenaConfig:
             raise ConfigError("ArenaConfig.odors is empty")
         if self.plume not in PLUMES:
             raise ConfigError(f"ArenaConfig.plume {self.plume!r} unknown; choose one of {PLUMES}")
+        self._check_distribution()
         if not isinstance(self.odor_removed, bool):
             raise ConfigError(f"ArenaConfig.odor_removed must be a bool, got {self.odor_removed!r}")
         w, h = self.arena_size_mm
@@ -136,8 +155,12 @@ class ArenaConfig:
         lo, hi = self.start_distance_mm
         if not (0 < lo <= hi):
             raise ConfigError(f"ArenaConfig.start_distance_mm must satisfy 0 < low <= high, got {self.start_distance_mm}")
+        pc = float(self.peak_concentration)
+        if not (math.isfinite(pc) and pc >= 0):
+            raise ConfigError(f"ArenaConfig.peak_concentration must be >= 0, got {self.peak_concentration}")
+        self.peak_concentration = pc
         positive = (
-            "plume_sigma_mm", "plume_d0_mm", "peak_concentration", "motor_tau_ms",
+            "plume_sigma_mm", "plume_d0_mm", "motor_tau_ms",
             "v_max_mm_s", "omega_max_rad_s", "speed_gain", "turn_gain",
         )
         for name in positive:
@@ -158,6 +181,65 @@ class ArenaConfig:
                 raise ConfigError(f"ArenaConfig.success_radius_mm must be positive, got {self.success_radius_mm}")
             self.success_radius_mm = r
 
+    def _check_distribution(self) -> None:
+        """Validate the training-distribution fields and the held-out odor set."""
+        if isinstance(self.held_out_odors, str):
+            self.held_out_odors = (self.held_out_odors,)
+        if not isinstance(self.held_out_odors, (list, tuple)):
+            raise ConfigError(f"ArenaConfig.held_out_odors must be a list of odor names, got {self.held_out_odors!r}")
+        self.held_out_odors = tuple(str(o) for o in self.held_out_odors)
+        if isinstance(self.plumes, str):
+            self.plumes = (self.plumes,)
+        if not isinstance(self.plumes, (list, tuple)):
+            raise ConfigError(f"ArenaConfig.plumes must be a list of plume types, got {self.plumes!r}")
+        self.plumes = tuple(str(p) for p in self.plumes)
+        bad = [p for p in self.plumes if p not in PLUMES]
+        if bad:
+            raise ConfigError(f"ArenaConfig.plumes: {bad[0]!r} unknown; choose from {PLUMES}")
+        if len(set(self.plumes)) != len(self.plumes):
+            raise ConfigError(f"ArenaConfig.plumes lists a plume twice: {list(self.plumes)}")
+        for name, low_ok in (("concentration_range", "> 0"), ("plume_length_range_mm", "> 0"),
+                             ("wind_speed_range", ">= 0")):
+            val = getattr(self, name)
+            if val is None:
+                continue
+            lo, hi = _tuple(val, 2, name)
+            if not ((lo > 0 if low_ok == "> 0" else lo >= 0) and lo <= hi):
+                raise ConfigError(f"ArenaConfig.{name} must satisfy low {low_ok} and low <= high, got {[lo, hi]}")
+            setattr(self, name, (lo, hi))
+        if self.held_out_odors:
+            train = {_canonical_odor(o, strict=False): o for o in self.odors}
+            held = [_canonical_odor(o, strict=True) for o in self.held_out_odors]
+            if len(set(held)) != len(held):
+                raise ConfigError(f"ArenaConfig.held_out_odors lists an odor twice: {list(self.held_out_odors)}")
+            both = [h for h in held if h in train]
+            if both:
+                raise ConfigError(f"odor {both[0]!r} is both a training odor (odors) and held out (held_out_odors); "
+                                  "a held-out odor must never be used in training")
+
+    @property
+    def randomised(self) -> bool:
+        """True when any per-episode condition (concentration, plume, length, wind) is drawn."""
+        return bool(self.concentration_range or self.plumes or self.plume_length_range_mm or self.wind_speed_range)
+
+    def conditions(self) -> dict:
+        """The conditions episodes are drawn under (JSON-safe), for reports."""
+        length = self.plume_sigma_mm if self.plume == "gaussian" else self.plume_d0_mm
+        return {
+            "odors": list(self.odors),
+            "concentration": None if self.concentration_range else self.peak_concentration,
+            "concentration_range": list(self.concentration_range) if self.concentration_range else None,
+            "plume": None if self.plumes else self.plume,
+            "plumes": list(self.plumes) or None,
+            "plume_length_mm": None if self.plume_length_range_mm else length,
+            "plume_length_range_mm": list(self.plume_length_range_mm) if self.plume_length_range_mm else None,
+            "wind_mm_s": None if self.wind_speed_range else list(self.wind),
+            "wind_speed_range_mm_s": list(self.wind_speed_range) if self.wind_speed_range else None,
+            "start_distance_mm": list(self.start_distance_mm),
+            "success_radius_mm": self.success_radius,
+            "odor_removed": self.odor_removed,
+        }
+
     @property
     def mean_start_distance_mm(self) -> float:
         return 0.5 * (self.start_distance_mm[0] + self.start_distance_mm[1])
@@ -170,8 +252,35 @@ class ArenaConfig:
         return 0.1 * self.mean_start_distance_mm
 
 
+def _canonical_odor(name: str, strict: bool) -> str:
+    """The Hallem & Carlson name of ``name`` (aliases, case); unknown names raise
+    :class:`ConfigError` if ``strict``, else come back normalised."""
+    from dmn_neuro.environment.odors import OdorEncoder, load_hallem_carlson
+
+    names = load_hallem_carlson().odors
+    try:
+        return names[OdorEncoder._lookup(name, names)]
+    except Exception as exc:  # DataError: unknown odor
+        if strict:
+            raise ConfigError(f"ArenaConfig.held_out_odors: {exc}") from None
+        return " ".join(str(name).split()).lower()
+
+
+class EpisodeConditions(NamedTuple):
+    """Per-episode plume conditions of a randomised arena (``[B]`` / ``[B, 2]`` tensors)."""
+
+    peak: torch.Tensor    # [B] peak concentration (relative to the Hallem 10^-2 dilution)
+    plume: torch.Tensor   # [B] long, index into PLUMES
+    length: torch.Tensor  # [B] mm, sigma (gaussian) or d0
+    wind: torch.Tensor    # [B, 2] mm/s
+
+
 class EnvState(NamedTuple):
-    """State of a batch of episodes (all tensors on one device/dtype)."""
+    """State of a batch of episodes (all tensors on one device/dtype).
+
+    ``conditions`` is ``None`` for the fixed arena, else the episodes' drawn
+    :class:`EpisodeConditions`.
+    """
 
     pos: torch.Tensor        # [B, 3] mm
     heading: torch.Tensor    # [B] rad, counter-clockwise from +x, unwrapped
@@ -180,6 +289,7 @@ class EnvState(NamedTuple):
     odor: torch.Tensor       # [B] long, index into the encoder's odor list
     start_pos: torch.Tensor  # [B, 3] mm
     step: int
+    conditions: Optional[EpisodeConditions] = None
 
 
 class OdorArena:
@@ -254,6 +364,7 @@ class OdorArena:
         pos = torch.stack([px, py, z], dim=-1)
         table = torch.tensor(self.odor_indices, dtype=torch.long, device=gdev)
         dev = torch.device(device) if device is not None else gdev
+        conditions = self._draw_conditions(B, generator, dev, dtype) if cfg.randomised else None
         return EnvState(
             pos=pos.to(device=dev, dtype=dtype),
             heading=heading.to(device=dev, dtype=dtype),
@@ -262,7 +373,38 @@ class OdorArena:
             odor=table[odor_pick].to(dev),
             start_pos=pos.to(device=dev, dtype=dtype).clone(),
             step=0,
+            conditions=conditions,
         )
+
+    def _draw_conditions(self, B: int, generator: torch.Generator, dev, dtype) -> EpisodeConditions:
+        """Per-episode peak, plume type, length and wind (drawn after the fixed arena's numbers)."""
+        cfg = self.config
+        gdev = generator.device
+        v = torch.rand(B, 4, generator=generator, device=gdev, dtype=torch.float64)
+        plumes = cfg.plumes or (cfg.plume,)
+        pick = torch.randint(len(plumes), (B,), generator=generator, device=gdev)
+        plume = torch.tensor([PLUMES.index(p) for p in plumes], dtype=torch.long, device=gdev)[pick]
+        if cfg.concentration_range:
+            lo, hi = cfg.concentration_range
+            peak = torch.exp(math.log(lo) + v[:, 0] * (math.log(hi) - math.log(lo)))
+        else:
+            peak = torch.full((B,), cfg.peak_concentration, dtype=torch.float64, device=gdev)
+        if cfg.plume_length_range_mm:
+            lo, hi = cfg.plume_length_range_mm
+            length = lo + v[:, 1] * (hi - lo)
+        else:
+            fixed = torch.tensor([cfg.plume_sigma_mm if p == "gaussian" else cfg.plume_d0_mm for p in plumes],
+                                 dtype=torch.float64, device=gdev)
+            length = fixed[pick]
+        if cfg.wind_speed_range:
+            lo, hi = cfg.wind_speed_range
+            speed = lo + v[:, 2] * (hi - lo)
+            angle = 2 * math.pi * v[:, 3]
+            wind = torch.stack([speed * torch.cos(angle), speed * torch.sin(angle)], dim=-1)
+        else:
+            wind = torch.tensor(cfg.wind, dtype=torch.float64, device=gdev).expand(B, 2)
+        return EpisodeConditions(peak=peak.to(device=dev, dtype=dtype), plume=plume.to(dev),
+                                 length=length.to(device=dev, dtype=dtype), wind=wind.to(device=dev, dtype=dtype))
 
     # ---------------------------------------------------------------- sensing
     def antenna_positions(self, state: EnvState) -> torch.Tensor:
@@ -275,10 +417,14 @@ class OdorArena:
         base = state.pos + cfg.antenna_forward_mm * fwd
         return torch.stack([base + cfg.antenna_lateral_mm * left, base - cfg.antenna_lateral_mm * left], dim=1)
 
-    def field(self, points: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        """Concentration at ``points [B, k, 3]`` of sources ``[B, 3]`` -> ``[B, k]``."""
+    def field(self, points: torch.Tensor, source: torch.Tensor,
+              conditions: Optional[EpisodeConditions] = None) -> torch.Tensor:
+        """Concentration at ``points [B, k, 3]`` of sources ``[B, 3]`` -> ``[B, k]``
+        (per-episode plumes when ``conditions`` is given, else the configured one)."""
         cfg = self.config
         d = points[..., :2] - source[:, None, :2]
+        if conditions is not None:
+            return self._episode_field(d, conditions)
         length = cfg.plume_sigma_mm if cfg.plume == "gaussian" else cfg.plume_d0_mm
         wx, wy = cfg.wind
         speed = math.hypot(wx, wy)
@@ -297,9 +443,31 @@ class OdorArena:
             return cfg.peak_concentration * torch.exp(-torch.sqrt(r2 + EXP_PLUME_EPS_MM ** 2) / length)
         return cfg.peak_concentration / (1.0 + r2 / (length * length))
 
+    def _episode_field(self, d: torch.Tensor, cond: EpisodeConditions) -> torch.Tensor:
+        """The plume of each episode from its own conditions; ``d [B, k, 2]`` = point - source."""
+        length = cond.length.to(d.dtype)[:, None]
+        wind = cond.wind.to(d.dtype)
+        speed = wind.norm(dim=-1)[:, None]
+        moving = speed > 0
+        safe = torch.where(moving, speed, torch.ones_like(speed))
+        ex = torch.where(moving, wind[:, 0:1] / safe, torch.ones_like(speed))
+        ey = torch.where(moving, wind[:, 1:2] / safe, torch.zeros_like(speed))
+        u = d[..., 0] * ex + d[..., 1] * ey
+        v = -d[..., 0] * ey + d[..., 1] * ex
+        stretch = length / (length + speed * self.config.plume_age_s)
+        u = torch.where(u > 0, u * stretch, u)
+        r2 = u * u + v * v
+        kind = cond.plume[:, None]
+        c = torch.where(
+            kind == PLUMES.index("gaussian"), torch.exp(-r2 / (2.0 * length * length)),
+            torch.where(kind == PLUMES.index("exponential"),
+                        torch.exp(-torch.sqrt(r2 + EXP_PLUME_EPS_MM ** 2) / length),
+                        1.0 / (1.0 + r2 / (length * length))))
+        return cond.peak.to(d.dtype)[:, None] * c
+
     def concentration(self, state: EnvState) -> torch.Tensor:
         """Concentration at the two antennae ``[B, 2]`` (0 = left); zero if ``odor_removed``."""
-        c = self.field(self.antenna_positions(state), state.source)
+        c = self.field(self.antenna_positions(state), state.source, state.conditions)
         if self.config.odor_removed:
             return c * 0.0
         return c
@@ -354,7 +522,7 @@ class OdorArena:
         pos = torch.stack([moved[:, 0].clamp(0.0, w), moved[:, 1].clamp(0.0, h), state.pos[:, 2]], dim=-1)
         new_state = EnvState(
             pos=pos, heading=heading, motor=motor, source=state.source, odor=state.odor,
-            start_pos=state.start_pos, step=state.step + 1,
+            start_pos=state.start_pos, step=state.step + 1, conditions=state.conditions,
         )
         return new_state, velocity
 
@@ -451,4 +619,4 @@ def plot_trajectories(
     return path
 
 
-__all__ = ["ArenaConfig", "EnvState", "OdorArena", "plot_trajectories", "PLUMES"]
+__all__ = ["ArenaConfig", "EnvState", "EpisodeConditions", "OdorArena", "plot_trajectories", "PLUMES"]

@@ -34,12 +34,24 @@ Encoding (model assumptions, all documented here)
   ``current_per_hz`` per spike (seeded; a straight-through estimator passes the
   gradient of the expectation, so even Poisson input is differentiable w.r.t.
   the rate).
+* Mixtures (:meth:`OdorEncoder.add_mixture`): each component at the same
+  concentration, their response changes add (as for co-expressed receptors);
+  real ORN mixture responses are often sublinear, so this is an upper bound.
+
+Held-out split
+--------------
+:func:`well_driving_odors` are the odors that excite at least ``min_receptors``
+(2) receptors by at least ``strong_hz`` (50 spikes/s); :func:`chemical_classes`
+gives each odor its chemical class (the table lists odors class by class, in the
+order of Hallem & Carlson's Table S1); :func:`held_out_split` holds out a seeded,
+class-stratified share of the well-driving odors.
 """
 from __future__ import annotations
 
 import csv
 import difflib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -68,6 +80,13 @@ ODOR_ALIASES: Dict[str, str] = {
 #: Attractive food odors put first by :meth:`OdorEncoder.default_task_odors` when strong enough.
 PREFERRED_TASK_ODORS = ("isopentyl acetate", "ethyl acetate")
 ENCODINGS = ("rate", "poisson")
+#: First odor of each chemical class in the bundled table (which follows the class
+#: order of Hallem & Carlson 2006, Table S1); every odor up to the next start belongs to it.
+CHEMICAL_CLASS_STARTS = (
+    ("amine", "ammonium hydroxide"), ("lactone", "gamma-butyrolactone"), ("acid", "methanoic acid"),
+    ("sulfur compound", "3-methylthio-1-propanol"), ("terpene", "terpinolene"), ("aldehyde", "acetaldehyde"),
+    ("ketone", "acetone"), ("aromatic", "phenethyl alcohol"), ("alcohol", "methanol"), ("ester", "methyl acetate"),
+)
 
 
 def hallem_carlson_dir() -> Path:
@@ -188,6 +207,66 @@ def load_hallem_carlson(directory: Union[str, Path, None] = None) -> HallemCarls
         raise DataError(f"{resp_path}: {exc}") from exc
 
 
+def chemical_classes(data: Optional[HallemCarlson] = None) -> Dict[str, str]:
+    """Odor -> chemical class (see :data:`CHEMICAL_CLASS_STARTS`); ``"unclassified"`` for
+    odors before the first class start (or in a table without these names)."""
+    data = data if data is not None else load_hallem_carlson()
+    starts = {name: cls for cls, name in CHEMICAL_CLASS_STARTS}
+    out, current = {}, "unclassified"
+    for name in data.odors:
+        current = starts.get(name, current)
+        out[name] = current
+    return out
+
+
+def well_driving_odors(data: Optional[HallemCarlson] = None, strong_hz: float = 50.0,
+                       min_receptors: int = 2) -> List[str]:
+    """Odors that raise at least ``min_receptors`` receptors' rates by ``strong_hz`` or more
+    (table order). With the defaults 67 of the 110 Hallem & Carlson odors."""
+    data = data if data is not None else load_hallem_carlson()
+    strong = (data.responses >= strong_hz).sum(axis=1)
+    return [o for o, n in zip(data.odors, strong) if n >= min_receptors]
+
+
+def held_out_split(seed: int = 0, fraction: float = 1.0 / 3.0, keep: Sequence[str] = PREFERRED_TASK_ODORS,
+                   data: Optional[HallemCarlson] = None, **well_driving) -> Dict[str, List[str]]:
+    """Split the well-driving odors into ``train`` and ``held_out`` (both in table order).
+
+    Rule (reproducible): ``ceil(fraction * N)`` of the ``N`` well-driving odors are
+    held out, stratified by chemical class: each class gets ``floor(fraction * n)``
+    of its ``n`` odors, the rest goes one by one to the classes with the largest
+    remainders (ties: class name). Within a class the held-out odors are the first
+    of a permutation drawn with ``numpy.random.default_rng(seed)`` (classes in name
+    order, members in table order). ``keep`` odors (the attractive food odors)
+    always stay in training.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    data = data if data is not None else load_hallem_carlson()
+    odors = well_driving_odors(data, **well_driving)
+    classes = chemical_classes(data)
+    keep_set = {data.odors[OdorEncoder._lookup(k, data.odors)] for k in keep if k}
+    members: Dict[str, List[str]] = {}
+    for o in odors:
+        if o not in keep_set:
+            members.setdefault(classes[o], []).append(o)
+    target = math.ceil(fraction * len(odors))
+    quota = {c: math.floor(fraction * len(m)) for c, m in members.items()}
+    rest = sorted(members, key=lambda c: (-(fraction * len(members[c]) - quota[c]), c))
+    i = 0
+    while sum(quota.values()) < target and i < 10 * len(rest):
+        c = rest[i % len(rest)]
+        if quota[c] < len(members[c]):
+            quota[c] += 1
+        i += 1
+    rng = np.random.default_rng(int(seed))
+    held = set()
+    for c in sorted(members):
+        perm = rng.permutation(len(members[c]))
+        held.update(members[c][j] for j in perm[:quota[c]])
+    return {"train": [o for o in odors if o not in held], "held_out": [o for o in odors if o in held]}
+
+
 class OdorEncoder(nn.Module):
     """Maps (odor, concentration) to ORN firing rates and ORN input currents.
 
@@ -301,6 +380,25 @@ class OdorEncoder(nn.Module):
     def odor_index(self, name: str) -> int:
         """Index of an odor (case-insensitive; common synonyms such as 'isoamyl acetate' accepted)."""
         return self._lookup(name, self.odors)
+
+    def add_mixture(self, names: Sequence[str]) -> str:
+        """Add a mixture of ``names`` as one more odor; returns its name (``"a + b"``).
+
+        Its response is the sum of the components' response changes (each
+        component at the episode's concentration); see the module docstring.
+        """
+        if isinstance(names, str) or len(names) < 2:
+            raise ValueError(f"a mixture needs at least two odor names, got {names!r}")
+        rows = [self.odor_index(n) for n in names]
+        if len(set(rows)) != len(rows):
+            raise ValueError(f"duplicate odors in the mixture {list(names)}")
+        name = " + ".join(self.odors[i] for i in rows)
+        if name.lower() in [o.lower() for o in self.odors]:
+            return name
+        mix = self.response[rows].sum(dim=0, keepdim=True)
+        self.response = torch.cat([self.response, mix], dim=0)
+        self.odors.append(name)
+        return name
 
     def odor_score(self) -> np.ndarray:
         """Summed positive response change (Hz) of each odor over the distinct covered glomeruli."""
@@ -444,4 +542,7 @@ __all__ = [
     "OdorEncoder",
     "static_odor_input",
     "ODOR_ALIASES",
+    "chemical_classes",
+    "well_driving_odors",
+    "held_out_split",
 ]

@@ -199,6 +199,15 @@ class EnvironmentConfig:
     mapping of its fields, each overriding ArenaConfig's default. ``odors``
     (empty = the encoder's full odor table) also becomes the arena's odor set
     unless ``arena.odors`` is given explicitly.
+
+    Training distribution: the arena's odor set is the *training* set
+    (:attr:`train_odors`); ``arena.held_out_odors`` declares odors kept for
+    evaluation only (:attr:`held_out_odors`). Training and validation (model
+    selection) episodes both come from the training arena, so they never see a
+    held-out odor; an odor in both sets is a one-line ConfigError. Per-episode
+    concentration, plume type, plume length and wind ranges are ArenaConfig
+    fields (``concentration_range``, ``plumes``, ``plume_length_range_mm``,
+    ``wind_speed_range``); all are off by default.
     """
 
     encoding: str = "poisson"
@@ -233,6 +242,21 @@ class EnvironmentConfig:
                 raise ConfigError(msg if msg.startswith("config:") else f"config: environment.arena: {msg}") from None
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"config: environment.arena: {exc}") from None
+        if self.arena.held_out_odors:
+            try:  # the effective training set may come from ``odors``
+                self.arena_config()
+            except ConfigError as exc:
+                raise ConfigError(f"config: environment: {exc}") from None
+
+    @property
+    def train_odors(self) -> Tuple[str, ...]:
+        """The odors training (and validation) episodes draw from."""
+        return tuple(self.arena_config().odors)
+
+    @property
+    def held_out_odors(self) -> Tuple[str, ...]:
+        """Declared held-out odors (empty when none are declared)."""
+        return tuple(self.arena.held_out_odors)
 
     def arena_config(self) -> ArenaConfig:
         """The arena to build: ``arena`` with ``odors`` filled in when the arena names none explicitly."""
