@@ -1,5 +1,7 @@
-"""What a trained circuit does: open-loop recordings, closed-loop success with the
-circuit or a stand-in for it, and the figures and JSON written next to results.
+"""What a trained circuit does and how it relates to the wiring: open-loop
+recordings, closed-loop success with the circuit or a stand-in for it, learned
+weights vs synapse counts, KC odor coding, lesions without retraining, activity
+manifolds (``dmn-neuro analyze``), and the figures and JSON written next to results.
 
 Names are imported on first use.
 """
