@@ -66,6 +66,14 @@ class Rollout(NamedTuple):
         )
 
 
+#: ``"blocked"``: the circuit advances in skewed blocks on the engine between
+#: arena updates (:mod:`dmn_neuro.simulation.engine.closed_loop`; same spikes);
+#: ``"stepped"``: one :meth:`DifferentiableOlfactoryCircuit.step` per time step;
+#: ``"auto"``: blocked where it applies (fused engine, no stepper, no truncated
+#: BPTT, a circuit the blocked loop reproduces), stepped otherwise.
+CLOSED_LOOPS = ("auto", "blocked", "stepped")
+
+
 def _detach_tuple(t):
     return type(t)(*[(x.detach() if isinstance(x, torch.Tensor) else x) for x in t])
 
@@ -74,13 +82,18 @@ class NavigationAgent(nn.Module):
     """Couples a :class:`DifferentiableOlfactoryCircuit`, an :class:`OdorEncoder`
     and an :class:`OdorArena` into a differentiable closed loop."""
 
-    def __init__(self, circuit, encoder, arena, contralateral_fraction: float = 0.0, crossed_motor: bool = True) -> None:
+    def __init__(self, circuit, encoder, arena, contralateral_fraction: float = 0.0, crossed_motor: bool = True,
+                 closed_loop: str = "auto") -> None:
         super().__init__()
         self.circuit = circuit
         self.encoder = encoder
         self.arena = arena
         self.contralateral_fraction = float(contralateral_fraction)
         self.crossed_motor = bool(crossed_motor)
+        if closed_loop not in CLOSED_LOOPS:
+            raise ValueError(f"closed_loop must be one of {CLOSED_LOOPS}, got {closed_loop!r}")
+        #: how :meth:`rollout` runs the circuit (see there); "auto" by default
+        self.closed_loop = closed_loop
 
     def sensory_input(self, env_state, generator: Optional[torch.Generator], odor_removed: bool = False) -> torch.Tensor:
         """ORN input currents for both hemispheres, ``[2B, n_orn]``."""
@@ -99,17 +112,32 @@ class NavigationAgent(nn.Module):
         self, batch_size: int, steps: int, generator: torch.Generator, *,
         device: Optional[torch.device] = None, odor_removed: bool = False,
         record: Sequence[str] = ("KC", "MBON", "DN"), tbptt_window: Optional[int] = None,
-        env_state=None, stepper=None,
+        env_state=None, stepper=None, closed_loop: Optional[str] = None,
     ) -> Rollout:
         """Run ``steps`` closed-loop steps for ``batch_size`` episodes.
 
         ``stepper``: optional replacement of the circuit (e.g. the Loihi fixed
         point emulator) with ``init_state(batch)`` and ``step(state, x_t) ->
         (spikes dict, state)``; used by ``dmn-neuro verify`` in closed loop.
+        ``closed_loop`` (default ``self.closed_loop``): ``"blocked"``,
+        ``"stepped"`` or ``"auto"`` (:data:`CLOSED_LOOPS`); both give the same
+        spikes and trajectories, the blocked loop several times faster.
         """
+        mode = self.closed_loop if closed_loop is None else closed_loop
+        if mode not in CLOSED_LOOPS:
+            raise ValueError(f"closed_loop must be one of {CLOSED_LOOPS}, got {mode!r}")
         device = device or next(self.circuit.parameters()).device
         env = env_state if env_state is not None else self.arena.reset(batch_size, generator=generator, device=device)
         start = env.pos
+        runner = None
+        if mode != "stepped" and stepper is None and not tbptt_window and steps > 0 and (
+                mode == "blocked" or getattr(self.circuit, "engine", None) == "fused"):
+            build = getattr(self.circuit, "closed_loop_runner", None)
+            runner = build(2 * batch_size, steps, like=env.pos) if build is not None else None
+        if mode == "blocked" and runner is None:
+            raise ValueError("closed_loop='blocked' needs the circuit's engine runner, no stepper and no tbptt_window")
+        if runner is not None:
+            return self._rollout_blocked(runner, env, start, batch_size, steps, generator, device, odor_removed, record)
         if stepper is None:
             cstate = self.circuit.init_state(2 * batch_size, like=env.pos)
             params = self.circuit.step_parameters()
@@ -143,5 +171,44 @@ class NavigationAgent(nn.Module):
         return Rollout(
             positions=torch.stack(positions), velocities=torch.stack(velocities),
             activations={n: torch.stack(v) for n, v in rec.items()}, source=env.source, start=start,
+            odor=env.odor, concentration=torch.stack(concs),
+        )
+
+    def _rollout_blocked(self, runner, env, start, batch_size, steps, generator, device, odor_removed, record):
+        """:meth:`rollout` with the circuit advanced in skewed blocks (same spikes, same
+        random draws in the same order: the arena and the encoder still step once
+        per time step, only the circuit runs ``runner.block`` steps per call)."""
+        noise_gen = None
+        if self.encoder.encoding == "poisson":
+            noise_gen = torch.Generator(device=device)
+            noise_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
+        out = self.circuit.output_population
+        positions, velocities, concs = [env.pos], [], []
+
+        def arena_step(env, t):
+            dn = runner.step_spikes(out, t)
+            left, right = dn[:batch_size], dn[batch_size:]
+            env, vel = self.arena.step(env, right, left) if self.crossed_motor else self.arena.step(env, left, right)
+            positions.append(env.pos)
+            velocities.append(vel)
+            return env
+
+        runner.advance(None)  # the steps of the downstream groups that need no input yet
+        t = 0
+        while t < steps:
+            hi = min(steps, t + runner.block)
+            xs = []
+            for s in range(t, hi):
+                if s > 0:
+                    env = arena_step(env, s - 1)
+                x, conc = self.sensory_input(env, noise_gen, odor_removed)
+                xs.append(x)
+                concs.append(conc)
+            runner.advance(torch.stack(xs))
+            t = hi
+        env = arena_step(env, steps - 1)
+        return Rollout(
+            positions=torch.stack(positions), velocities=torch.stack(velocities),
+            activations={n: runner.spikes(n) for n in record}, source=env.source, start=start,
             odor=env.odor, concentration=torch.stack(concs),
         )

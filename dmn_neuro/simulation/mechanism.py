@@ -482,6 +482,19 @@ class DifferentiableOlfactoryCircuit(nn.Module):
             new_mem[n], new_spk[n] = v, s
         return new_spk, CircuitState(new_mem, new_spk)
 
+    def closed_loop_runner(self, batch_size: int, steps: int, like: Optional[torch.Tensor] = None):
+        """A :class:`~dmn_neuro.simulation.engine.closed_loop.SkewedLoop` that advances
+        this circuit in blocks between arena updates with the spikes of :meth:`step`
+        (bit for bit), or ``None`` where it cannot (then step per step). The
+        parameters are resolved once, as :meth:`step_parameters` does."""
+        from dmn_neuro.simulation.engine.closed_loop import SkewedLoop
+
+        ref = like if like is not None else next(self.parameters())
+        return SkewedLoop.build(
+            self.population_params(), self.projection_weights(), self.input_population, self.output_population,
+            rows=int(batch_size), steps=int(steps), like=ref, surrogate=self.surrogate, slope=self.surrogate_slope,
+        )
+
     def forward(self, odor_input: torch.Tensor, return_activations: bool = True, engine: Optional[str] = None):
         """Open-loop run on ORN input currents ``[T, B, n_orn]``.
 
