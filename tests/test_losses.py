@@ -184,3 +184,24 @@ def test_trajectory_metrics_batched_numpy():
     # default radius: 10 % of the mean start distance (10 mm) -> 1 mm
     d = TrajectoryAnalyzer().compute_trajectory_metrics(pos, None, goal)
     assert d["success_radius_mm"] == pytest.approx(1.0) and d["time_to_goal"][0] == 90.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_binary_sparsity_fast_path_equals_prod_bit_for_bit(dtype):
+    """Binary spikes take a counting backward; values and gradients equal autograd through torch.prod."""
+    from dmn_neuro.training.loss_functions import kc_population_sparsity
+
+    g = torch.Generator().manual_seed(3)
+    s = (torch.rand(503, 6, 300, generator=g) < 0.01).to(dtype)
+    s[10:12, 0, :5] = 1.0  # windows with two spikes
+    s = s.requires_grad_()
+    w = torch.randn(6, generator=g, dtype=dtype)
+    (kc_population_sparsity(s, 50.0, 1.0, reduce=False) * w).sum().backward()
+    fast = s.grad.clone()
+    s.grad = None
+    x = s[:500].reshape(10, 50, 6, 300).clamp(0, 1)
+    ((1 - torch.prod(1 - x, dim=1)).mean(-1).mean(0) * w).sum().backward()
+    assert torch.equal(fast, s.grad) and float(fast.abs().sum()) > 0
+    rates = torch.full((100, 2, 4), 0.3, dtype=dtype, requires_grad=True)  # non-binary: the smooth path
+    kc_population_sparsity(rates, 50.0, 1.0).backward()
+    assert torch.all(rates.grad > 0)

@@ -54,6 +54,27 @@ def _window_steps(window_ms: float, dt_ms: float) -> int:
     return max(1, int(round(window_ms / dt_ms)))
 
 
+class _WindowAny(torch.autograd.Function):
+    """``1 - prod_w (1 - s[:, w])`` for binary ``s [k, W, B, n]``.
+
+    With 0/1 entries the product of the others is exactly 0 or 1: the gradient
+    w.r.t. ``s_i`` is 1 where the window holds no spike, or where ``s_i`` is its
+    only spike, else 0 -- bit for bit what autograd through ``torch.prod`` gives
+    (its backward takes a slow zero-safe path whenever a factor is 0).
+    """
+
+    @staticmethod
+    def forward(ctx, s):
+        count = s.sum(dim=1)
+        ctx.save_for_backward((count == 0), (count == 1)[:, None] & (s == 1))
+        return (count > 0).to(s.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        none, only = ctx.saved_tensors
+        return g[:, None] * (none[:, None] | only).to(g.dtype)
+
+
 def kc_population_sparsity(
     spikes: torch.Tensor,
     window_ms: float = DEFAULT_SPARSITY_WINDOW_MS,
@@ -82,7 +103,10 @@ def kc_population_sparsity(
     W = min(_window_steps(window_ms, dt_ms), T)
     k = T // W
     s = s[: k * W].reshape(k, W, B, n).clamp(0.0, 1.0)
-    active = 1.0 - torch.prod(1.0 - s, dim=1)  # [k, B, n]
+    if bool(((s == 0) | (s == 1)).all()):
+        active = _WindowAny.apply(s)  # binary spikes: the same values and gradients, without prod's zero-safe backward
+    else:
+        active = 1.0 - torch.prod(1.0 - s, dim=1)  # [k, B, n]
     frac = active.mean(dim=-1).mean(dim=0)  # [B]
     return frac.mean() if reduce else frac
 
