@@ -94,6 +94,7 @@ def fx(tmp_path_factory):
     cfg("episodes", num_episodes="many")
     cfg("steps", episode_length_steps=10**9)
     cfg("source", **{"connectome.source": "nosuch"})
+    cfg("deploy", **{"deployment.weight_bits": 0})
     (d / "list.yaml").write_text("- 1\n- 2\n")
     (d / "broken.yaml").write_text("a: [1, 2\n")
     write_codex(d / "codex_big", connections=[(a, b, n, "1e30" if i == 0 else c)
@@ -131,6 +132,7 @@ CASES = [
     ("train-episodes-string", ["train", "--config", "{d}/episodes.yaml", "--out", "{o}/r"], "num_episodes"),
     ("train-steps-1e9", ["train", "--config", "{d}/steps.yaml", "--out", "{o}/r"], "episode_length_steps"),
     ("train-source-config", ["train", "--config", "{d}/source.yaml", "--out", "{o}/r"], "unknown source"),
+    ("train-deploy-bits", ["train", "--config", "{d}/deploy.yaml", "--out", "{o}/r"], "deployment.weight_bits"),
     ("train-episodes-flag", ["train", "--config", str(TINY_YAML), "--episodes", "-1", "--out", "{o}/r"], "--episodes"),
     ("train-steps-0", ["train", "--config", str(TINY_YAML), "--steps", "0", "--out", "{o}/r"], "--steps"),
     ("train-batch-0", ["train", "--config", str(TINY_YAML), "--batch-size", "0", "--out", "{o}/r"], "--batch-size"),

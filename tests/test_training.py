@@ -382,3 +382,28 @@ def test_python_m_optimizer_runs_a_first_training_loop(tmp_path):
                           "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / "checkpoints" / "last" / "checkpoint.json").is_file() and str(out) in res.stdout
+
+
+def test_loihi_stage_runs_as_part_of_training(tmp_path):
+    """deployment.loihi: the run ends with QAT + snapping; the saved model is on the grid
+    (quantising it again changes no integer) and its fixed-point success is reported."""
+    from dmn_neuro.experiments.run import train_run
+    from dmn_neuro.simulation.fixed_point import quantize
+    from dmn_neuro.training.checkpoint import load_circuit
+    from dmn_neuro.training.qat import snap_circuit_to_grid
+
+    cfg = tiny_config(num_episodes=1, deployment={"loihi": True, "qat_episodes": 1, "check_episodes": 2})
+    summary = train_run(cfg, tmp_path / "run", figure_episodes=0)
+    loihi = summary["loihi"]
+    assert loihi["checkpoint"] == str(tmp_path / "run" / "checkpoints" / "loihi")
+    assert {"float_success_rate", "fixed_point_success_rate", "difference"} <= set(loihi)
+    snapped, ck = load_circuit(loihi["checkpoint"])
+    assert ck["meta"]["extra"]["fixed_point_snap"]["finetune_episodes"] == 1
+    before = quantize(snapped.to_spec(), weight_bits=8)
+    snap_circuit_to_grid(snapped, weight_bits=8)  # on the grid already: snapping again moves no integer
+    after = quantize(snapped.to_spec(), weight_bits=8)
+    assert [p.vth for p in before.populations] == [p.vth for p in after.populations]
+    for p, q in zip(before.projections, after.projections):
+        assert (p.weight == q.weight).all()
+    best, _ = load_circuit(tmp_path / "run" / "checkpoints" / "best")
+    assert any(not torch.equal(a, b) for a, b in zip(best.state_dict().values(), load_circuit(loihi["checkpoint"])[0].state_dict().values()))

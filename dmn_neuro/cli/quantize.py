@@ -9,70 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Dict
 
 import click
-
-from dmn_neuro.errors import ConfigError
 
 from dmn_neuro.training import qat
 
 logger = logging.getLogger(__name__)
-
-
-def _quantisation_summary(rep: Dict[str, Any]) -> Dict[str, Any]:
-    pops = {k: {"vth": v["vth"], "dv": v["dv"], "decay_error": v["decay_error"], "bias_error_max": v["bias_error_max"]}
-            for k, v in rep["populations"].items()}
-    projs = {k: {"rel_weight_error": v["rel_weight_error"], "max_abs_weight_error": v["max_abs_weight_error"],
-                 "zeroed_fraction": v["zeroed_fraction"]} for k, v in rep["projections"].items()}
-    return {"populations": pops, "projections": projs}
-
-
-def quantize_checkpoint(checkpoint, out, finetune_episodes: int = 0, weight_bits: int = 8,
-                        snap_options: Dict[str, Any] = None, progress=None) -> Dict[str, Any]:
-    """Load ``checkpoint``, optionally fine-tune with fake quantisation, snap, save to ``out``.
-
-    Returns the report printed by the command: ``quantisation_before`` (the
-    rounding error of the loaded model, per population/projection),
-    ``quantisation_after`` (of the saved one), ``snap`` (parameter changes,
-    see :func:`dmn_neuro.training.qat.snap_circuit_to_grid`) and ``finetune`` (episode
-    losses). The optimiser state is not carried over (the parameters moved).
-    """
-    from dmn_neuro.training.checkpoint import load_circuit, save_checkpoint
-    from dmn_neuro.training.config import TrainingConfig
-
-    from dmn_neuro.simulation.fixed_point import quantize
-
-    if finetune_episodes < 0:
-        raise ConfigError(f"--finetune-episodes must be >= 0, got {finetune_episodes}")
-    circuit, ck = load_circuit(checkpoint)
-    meta = ck["meta"]
-    cfg = TrainingConfig.from_dict(meta["config"]).replace(device="cpu")
-    qopts = {"weight_bits": int(weight_bits)}
-    before = _quantisation_summary(quantize(circuit.to_spec(), **qopts).report)
-    records = []
-    episode = int(meta.get("episode", 0))
-    if finetune_episodes > 0:
-        from dmn_neuro.training.optimizer import DMNTrainer, build_components
-
-        circuit, _, _, _, loss_fn = build_components(cfg, circuit=circuit)
-        trainer = DMNTrainer(circuit, loss_fn, cfg)
-        trainer.episode = episode
-        res = qat.qat_finetune(trainer, finetune_episodes, progress=progress, snap_options=snap_options, **qopts)
-        snap, records, episode = res["snap"], res["records"], trainer.episode
-        circuit = trainer.circuit
-    else:
-        snap = qat.snap_circuit_to_grid(circuit, **dict(snap_options or {}), **qopts)
-    history = list(meta.get("loss_history", [])) + [{"episode": r["episode"], "total": r["total"]} for r in records]
-    extra = dict(meta.get("extra", {}))
-    extra["fixed_point_snap"] = {"source": str(checkpoint), "finetune_episodes": int(finetune_episodes),
-                                 "weight_bits": int(weight_bits), "compensation": snap["compensation"],
-                                 "biases_added": snap["biases_added"]}
-    path = save_checkpoint(out, circuit.float(), cfg, episode, None, history, meta.get("metrics", {}), None, extra)
-    return {"checkpoint": str(path), "source": str(checkpoint), "finetune_episodes": int(finetune_episodes),
-            "finetune": [{k: r[k] for k in ("episode", "total") if k in r} for r in records],
-            "quantisation_before": before, "quantisation_after": _quantisation_summary(snap["quantisation"]),
-            "snap": {k: v for k, v in snap.items() if k != "quantisation"}}
 
 
 class _FiniteRange(click.FloatRange):
@@ -105,7 +47,7 @@ def quantize_cmd(checkpoint, out, finetune_episodes, weight_bits, truncation_bia
     snap_options = {"truncation_bias_lsb": truncation_bias_lsb, "threshold_margin_lsb": threshold_margin_lsb,
                     "leak_lsb": leak_lsb}
     progress = None if as_json else (lambda r: click.echo(f"qat episode {r['episode']}: loss {r['total']:.4f}"))
-    rep = quantize_checkpoint(checkpoint, out, finetune_episodes, weight_bits, snap_options, progress)
+    rep = qat.quantize_checkpoint(checkpoint, out, finetune_episodes, weight_bits, snap_options, progress)
     if as_json:
         click.echo(json.dumps(rep, default=float))
         return

@@ -6,6 +6,7 @@ Stores (under ``out``):
     metrics.jsonl                one record per training episode, episode numbers unique and consecutive
     checkpoints/untrained        the circuit before training
     checkpoints/last, best       see :meth:`DMNTrainer.train_episode`
+    checkpoints/loihi            with ``deployment.loihi``: best after QAT, on the Loihi 2 grid
     before.json                  held-out behaviour of the untrained circuit
     summary.json                 episodes, config, before and after
     loss_curves.png, trajectories_before_after.png
@@ -122,6 +123,30 @@ def truncate_metrics(path: Path, episodes: int) -> int:
     return len(recs) - len(keep)
 
 
+def deploy_loihi(cfg, best: Path, target: Path, notice: Callable[[str], None] = lambda msg: None) -> Dict[str, Any]:
+    """The run's Loihi stage: QAT fine-tuning of ``best``, snapped to the grid and
+    saved as ``target``; held-out success of the float model and of the
+    fixed-point emulator of the snapped one (same episodes), and their difference."""
+    from dmn_neuro.analysis.recording import closed_loop_success
+    from dmn_neuro.simulation.fixed_point import FixedPointStepper, quantize
+    from dmn_neuro.training.checkpoint import load_circuit
+    from dmn_neuro.training.qat import quantize_checkpoint
+
+    dep = cfg.deployment
+    notice(f"Loihi stage: {dep.qat_episodes} quantisation-aware episodes on {best}")
+    rep = quantize_checkpoint(best, target, dep.qat_episodes, dep.weight_bits)
+    out: Dict[str, Any] = {"checkpoint": rep["checkpoint"], "qat_episodes": dep.qat_episodes,
+                           "weight_bits": dep.weight_bits, "check_episodes": dep.check_episodes}
+    if dep.check_episodes:
+        float_circuit, _ = load_circuit(best, device="cpu")
+        snapped, _ = load_circuit(target, device="cpu")
+        stepper = FixedPointStepper(quantize(snapped.to_spec(), weight_bits=dep.weight_bits))
+        out["float_success_rate"] = closed_loop_success(float_circuit, cfg, None, dep.check_episodes)
+        out["fixed_point_success_rate"] = closed_loop_success(snapped, cfg, stepper, dep.check_episodes)
+        out["difference"] = out["fixed_point_success_rate"] - out["float_success_rate"]
+    return out
+
+
 def _check_out(out: Path) -> None:
     for p in [out, *out.parents]:
         if p.exists():
@@ -209,6 +234,9 @@ def train_run(
             if not (out / "checkpoints" / "best").exists():
                 trainer.save_checkpoint(out / "checkpoints" / "best")
             summary: Dict[str, Any] = {"episodes": trainer.episode, "config": cfg.to_dict()}
+            if cfg.deployment.loihi:
+                summary["loihi"] = deploy_loihi(cfg, out / "checkpoints" / "best", out / "checkpoints" / "loihi",
+                                                notice)
             if figure_episodes:
                 after = evaluate_agent(agent, cfg, figure_episodes, seed=seed, device=trainer.device,
                                        return_rollouts=True)
@@ -228,4 +256,4 @@ def train_run(
         raise
 
 
-__all__ = ["train_run", "run_lock", "read_metrics", "truncate_metrics", "config_differences", "RESUMABLE_CHANGES"]
+__all__ = ["train_run", "deploy_loihi", "run_lock", "read_metrics", "truncate_metrics", "config_differences", "RESUMABLE_CHANGES"]

@@ -304,9 +304,35 @@ class OptimisationConfig:
         _check_number(self, s, "tbptt_window", integer=True, optional=True)
 
 
+@dataclass
+class DeploymentConfig:
+    """After training: make the model deployable on Loihi 2 as part of the run.
+
+    With ``loihi: true`` the run fine-tunes its best checkpoint with fake
+    quantisation for ``qat_episodes`` episodes, snaps it onto the fixed-point
+    grid (``weight_bits``-bit weights; :mod:`dmn_neuro.training.qat`), saves it
+    as ``checkpoints/loihi`` and reports held-out success of the float model and
+    of the fixed-point emulator on ``check_episodes`` episodes.
+    """
+
+    loihi: bool = False
+    qat_episodes: int = 20
+    weight_bits: int = 8
+    check_episodes: int = 50
+
+    def __post_init__(self) -> None:
+        s = "deployment."
+        _check_bool(self, s, "loihi")
+        _check_number(self, s, "qat_episodes", integer=True, allow_zero=True, maximum=1_000_000)
+        _check_number(self, s, "check_episodes", integer=True, allow_zero=True, maximum=100_000)
+        if not (_is_number(self.weight_bits) and float(self.weight_bits).is_integer() and 2 <= self.weight_bits <= 8):
+            raise ConfigError(f"config: deployment.weight_bits must be an integer in 2..8, got {self.weight_bits!r}")
+        self.weight_bits = int(self.weight_bits)
+
+
 SECTIONS: Dict[str, type] = {
     "connectome": ConnectomeConfig, "circuit": CircuitConfig, "environment": EnvironmentConfig,
-    "loss": LossConfig, "optimisation": OptimisationConfig,
+    "loss": LossConfig, "optimisation": OptimisationConfig, "deployment": DeploymentConfig,
 }
 #: Run settings at the top level of TrainingConfig.
 RUN_FIELDS = ("num_episodes", "episode_length_steps", "batch_size", "seed", "device", "checkpoint_every",
@@ -421,6 +447,7 @@ class TrainingConfig:
     environment: EnvironmentConfig = field(default_factory=EnvironmentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optimisation: OptimisationConfig = field(default_factory=OptimisationConfig)
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
 
     def __init__(self, **kwargs: Any) -> None:
         nested = migrate_flat_config(kwargs)
