@@ -159,8 +159,10 @@ def _run_pool(payloads, workers: int, finish) -> None:
         for f in as_completed(futures):
             err = f.exception()
             finish(futures[f], None if err else f.result(), err)
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
+    except BaseException:  # Ctrl-C, a failing write: drop the queue, do not wait for running cells
+        ex.shutdown(wait=False, cancel_futures=True)
+        raise
+    ex.shutdown(wait=True)
 
 
 def _run_ray(payloads, address: str, finish) -> None:

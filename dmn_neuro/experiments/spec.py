@@ -29,7 +29,7 @@ import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping
 
 import yaml
 
@@ -147,8 +147,7 @@ def _section(d: Mapping[str, Any], key: str, defaults: Dict[str, Any]) -> Dict[s
     unknown = sorted(set(val) - set(defaults))
     if unknown:
         raise ConfigError(f"unknown key(s) in {key}: {', '.join(map(str, unknown))} (known: {', '.join(defaults)})")
-    out = {**defaults, **val}
-    return out
+    return {**defaults, **val}
 
 
 def _check_evaluate(ev: Dict[str, Any]) -> None:
@@ -166,8 +165,6 @@ def _check_evaluate(ev: Dict[str, Any]) -> None:
 
 def load_spec(path) -> ExperimentSpec:
     """Read and validate an experiment file; every problem is a one-line ConfigError naming the file."""
-    from dmn_neuro.training.config import TrainingConfig
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"experiment file not found: {path}")
