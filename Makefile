@@ -5,11 +5,12 @@ PY311 ?= python3.11
 VENV := .venv
 LAVA_VENV := .venv-lava
 NETX_VENV := .venv-netx
+CLUSTER_VENV := .venv-cluster
 PY := $(VENV)/bin/python
 TORCH_SPEC := torch==2.13.0
 LAVA_SPEC := lava-nc==0.10.0
 
-.PHONY: all venv lava-env netx-env demo test test-fast test-netx bench clean
+.PHONY: all venv lava-env netx-env cluster-env demo test test-fast test-netx test-cluster bench clean
 
 all: venv lava-env
 
@@ -39,6 +40,17 @@ $(NETX_VENV)/.stamp:
 	touch $@
 netx-env: $(NETX_VENV)/.stamp
 
+# Optional: Ray for `experiment run --ray-address` (dmn-neuro[cluster]). Not part of make test.
+# The constraints file keeps torch at the local CPU build (any other spec pulls CUDA).
+$(CLUSTER_VENV)/.stamp: pyproject.toml
+	test -x $(CLUSTER_VENV)/bin/python || $(PY311) -m venv $(CLUSTER_VENV)
+	$(CLUSTER_VENV)/bin/python -m pip install -q --upgrade pip
+	echo "$(TORCH_SPEC)" > $(CLUSTER_VENV)/constraints.txt
+	$(CLUSTER_VENV)/bin/python -m pip install -q -c $(CLUSTER_VENV)/constraints.txt $(TORCH_SPEC)
+	$(CLUSTER_VENV)/bin/python -m pip install -q -c $(CLUSTER_VENV)/constraints.txt -e '.[dev,cluster]'
+	touch $@
+cluster-env: $(CLUSTER_VENV)/.stamp
+
 demo: venv lava-env
 	$(PY) examples/demo.py --out demo_out
 
@@ -48,8 +60,12 @@ test: venv lava-env
 test-netx: venv netx-env
 	DMN_NETX_PYTHON=$(CURDIR)/$(NETX_VENV)/bin/python $(VENV)/bin/pytest -q -m netx
 
+# Starts a local Ray instance and runs a tiny experiment grid through it.
+test-cluster: cluster-env
+	$(CLUSTER_VENV)/bin/pytest -q -m cluster tests/test_experiment_cluster.py
+
 bench: venv
 	$(PY) benchmarks/bptt.py
 
 clean:
-	rm -rf $(VENV) $(LAVA_VENV) $(NETX_VENV) demo_out
+	rm -rf $(VENV) $(LAVA_VENV) $(NETX_VENV) $(CLUSTER_VENV) demo_out

@@ -387,3 +387,53 @@ def test_single_file_checkpoint_everywhere(fx, tmp_path):
     assert invoke("quantize", fx["ck"], "-o", pt).exit_code == 0 and pt.is_file()
     assert invoke("evaluate", pt, "--episodes", 1, "--steps", 5, "--out", tmp_path / "e").exit_code == 0
     assert invoke("export", pt, "--format", "nir", "-o", tmp_path / "m.nir").exit_code == 0
+
+
+# ------------------------------------------------- experiment run / report
+@pytest.fixture(scope="module")
+def exp_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("experiments")
+    good = {"base": str(TINY_YAML), "seeds": 1, "set": {"num_episodes": 0}, "conditions": {"real": {}}}
+    files = {
+        "kind": {**good, "conditions": {"flipped": {"connectome.variant": {"kind": "flipped"}}}},
+        "key": {**good, "conditions": {"real": {"loss.nosuch_weight": 1}}},
+        "name": {**good, "conditions": {"a b": {}}},
+        "seeds": {**good, "seeds": -2},
+        "top": {**good, "sweep": 3},
+        "evaluate": {**good, "evaluate": {"episodes": -1}},
+        "good": good,
+    }
+    for name, spec in files.items():
+        (d / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    (d / "broken.yaml").write_text("conditions: [1, 2\n")
+    (d / "list.yaml").write_text("- 1\n")
+    return d
+
+
+EXPERIMENT_CASES = [
+    ("exp-unknown-variant-kind", ["experiment", "run", "{e}/kind.yaml", "--out", "{o}/x"], "kind must be one of"),
+    ("exp-unknown-config-key", ["experiment", "run", "{e}/key.yaml", "--out", "{o}/x"], "nosuch_weight"),
+    ("exp-bad-condition-name", ["experiment", "run", "{e}/name.yaml", "--out", "{o}/x"], "condition name"),
+    ("exp-bad-seeds", ["experiment", "run", "{e}/seeds.yaml", "--out", "{o}/x"], "seeds"),
+    ("exp-unknown-top-key", ["experiment", "run", "{e}/top.yaml", "--out", "{o}/x"], "sweep"),
+    ("exp-bad-evaluate", ["experiment", "run", "{e}/evaluate.yaml", "--out", "{o}/x"], "evaluate.episodes"),
+    ("exp-broken-yaml", ["experiment", "run", "{e}/broken.yaml", "--out", "{o}/x"], "not valid YAML"),
+    ("exp-yaml-list", ["experiment", "run", "{e}/list.yaml", "--out", "{o}/x"], "mapping"),
+    ("exp-file-missing", ["experiment", "run", "{e}/nope.yaml", "--out", "{o}/x"], "not found"),
+    ("exp-negative-workers", ["experiment", "run", "{e}/good.yaml", "--out", "{o}/x", "--workers", "-1"], "--workers"),
+    ("exp-zero-workers", ["experiment", "run", "{e}/good.yaml", "--out", "{o}/x", "--workers", "0"], "--workers"),
+    ("exp-out-is-file", ["experiment", "run", "{e}/good.yaml", "--out", "{e}/good.yaml"], None),
+    ("exp-report-missing-dir", ["experiment", "report", "{o}/nodir"], "not found"),
+    ("exp-report-no-results", ["experiment", "report", "{e}"], "no finished cells"),
+]
+
+
+@pytest.mark.parametrize("case", EXPERIMENT_CASES, ids=[c[0] for c in EXPERIMENT_CASES])
+def test_bad_experiment_input_is_one_line_and_leaves_nothing(exp_files, tmp_path, case):
+    _, argv, contains = case
+    o = tmp_path / "out"
+    o.mkdir()
+    before = files_under(exp_files)
+    check_failure(invoke(*[a.format(e=exp_files, o=o) for a in argv]), contains)
+    assert files_under(o) == set(), f"left behind: {files_under(o)}"
+    assert files_under(exp_files) == before

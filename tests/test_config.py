@@ -27,7 +27,7 @@ FLAT = {
     "num_episodes": 7, "episode_length_steps": 50, "batch_size": 3, "grad_clip": None, "tbptt_window": 20,
     "seed": 4, "device": "cpu", "engine": "snntorch", "checkpoint_every": 2, "dt_ms": 2.0,
     "surrogate": "fast_sigmoid", "surrogate_slope": 4.0, "learnable_tau": False, "learnable_threshold": True,
-    "source": "synthetic", "source_options": {"n_dn": 8}, "projection_gains": {"ORN->PN": 3.0},
+    "source": "synthetic", "source_options": {"n_dn": 8}, "variant": None, "projection_gains": {"ORN->PN": 3.0},
     "encoding": "rate", "current_per_hz": 0.5, "hill_k": 2.0, "contralateral_fraction": 0.1,
     "crossed_motor": False, "bias": {"DN": 0.5}, "threshold_jitter": {"DN": 0.3}, "odors": ["1-hexanol"],
     "arena": {"speed_gain": 0.015}, "navigation_weight": 2.0, "energy_weight": 0.02, "sparsity_weight": 0.3,
@@ -36,7 +36,7 @@ FLAT = {
 NESTED = {
     "num_episodes": 7, "episode_length_steps": 50, "batch_size": 3, "seed": 4, "device": "cpu",
     "checkpoint_every": 2, "eval_episodes": 5,
-    "connectome": {"source": "synthetic", "source_options": {"n_dn": 8}},
+    "connectome": {"source": "synthetic", "source_options": {"n_dn": 8}, "variant": None},
     "circuit": {"dt_ms": 2.0, "surrogate": "fast_sigmoid", "surrogate_slope": 4.0, "learnable_tau": False,
                 "learnable_threshold": True, "projection_gains": {"ORN->PN": 3.0}, "bias": {"DN": 0.5},
                 "threshold_jitter": {"DN": 0.3}, "engine": "snntorch"},

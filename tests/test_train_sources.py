@@ -35,7 +35,7 @@ def test_train_with_each_source(tmp_path, monkeypatch, source):
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert json.loads(res.stdout.strip().splitlines()[-1])["episodes"] == 1
     written = yaml.safe_load((out / "config.yaml").read_text())["connectome"]
-    assert written == {"source": source, "source_options": None}
+    assert written == {"source": source, "source_options": None, "variant": None}
     meta = json.loads((out / "checkpoints" / "last" / "checkpoint.json").read_text())
     sizes = meta["structure"]["layer_sizes"]
     if source.startswith(("codex", "cave")):

@@ -126,6 +126,9 @@ def _register() -> None:
     from dmn_neuro.cli.analyze import analyze
 
     cli.add_command(analyze)
+    from dmn_neuro.cli.experiment import experiment
+
+    cli.add_command(experiment)
 
 
 _register()

@@ -382,19 +382,24 @@ class DifferentiableOlfactoryCircuit(nn.Module):
     @classmethod
     def from_connectome(
         cls, source: str = "flywire_v783_mb", cache_dir=None, use_cache: bool = True,
-        source_options: Optional[Dict[str, object]] = None, **kwargs,
+        source_options: Optional[Dict[str, object]] = None, variant: Optional[Dict[str, object]] = None,
+        **kwargs,
     ) -> "DifferentiableOlfactoryCircuit":
         """Build the circuit from a connectome source (bundled FlyWire v783 by default).
 
         ``source_options`` go to the source as given (each source accepts its own,
         ``connectome.sources.SOURCES[name].options``); ``None`` means the source's
         own defaults, not training's (``ConnectomeConfig.resolved_source_options``).
+        ``variant`` (:mod:`connectome.variants`) rewires the data first; its label
+        becomes part of ``structure.version``.
         """
         from connectome.fetch_data import FlyWireConnectome
+        from connectome.variants import apply_variant
 
         data = FlyWireConnectome(use_cache=use_cache, cache_dir=cache_dir).fetch_olfactory_circuit(
             include_layers=list(POPULATION_ORDER), source=source, **(source_options or {}),
         )
+        data = apply_variant(data, variant)
         circuit = cls(data, **kwargs)
         # What a checkpoint needs to rebuild this wiring and check it (JSON-able options
         # only: a cave client_factory cannot be stored, and cave is not rebuilt offline).

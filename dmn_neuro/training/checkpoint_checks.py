@@ -235,14 +235,25 @@ def _unrebuildable(source: str) -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=8)
-def reference_connectome(source: str, layers: Tuple[str, ...], options_json: str):
+def reference_connectome(source: str, layers: Tuple[str, ...], options_json: str, variant_json: str = "null"):
     """The connectome a checkpoint's circuit was built from: ``layers`` of ``source``
-    rebuilt with its source options (JSON text, sorted keys); one load per process
-    and (source, layers, options) -- the connectome layer caches on disk as well."""
+    rebuilt with its source options (JSON text, sorted keys) and with the config's
+    connectome variant applied (:mod:`connectome.variants`; JSON text, ``null`` for
+    the real wiring); one load per process and (source, layers, options, variant)
+    -- the connectome layer caches on disk as well."""
     from connectome.fetch_data import FlyWireConnectome
+    from connectome.variants import apply_variant
 
-    return FlyWireConnectome().fetch_olfactory_circuit(include_layers=list(layers), source=source,
+    data = FlyWireConnectome().fetch_olfactory_circuit(include_layers=list(layers), source=source,
                                                        **json.loads(options_json))
+    return apply_variant(data, json.loads(variant_json))
+
+
+def _reference_variant(ck: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The connectome variant the checkpoint's config names (None: the real wiring)."""
+    from dmn_neuro.training.config import TrainingConfig
+
+    return TrainingConfig.from_dict(ck["meta"]["config"]).connectome.variant
 
 
 def _reference_options(ck: Dict[str, Any], structure) -> Tuple[Optional[Dict[str, Any]], str]:
@@ -300,7 +311,8 @@ def check_against_connectome(ck, structure, sd, fail) -> None:
     recorded = origin == "structure.source_options"
     if reason is None:
         try:
-            data = reference_connectome(source, layers, json.dumps(options, sort_keys=True, default=str))
+            data = reference_connectome(source, layers, json.dumps(options, sort_keys=True, default=str),
+                                        json.dumps(_reference_variant(ck), sort_keys=True))
         except (DMNError, TypeError, ValueError, OSError) as exc:
             if recorded:
                 raise fail(origin, f"cannot rebuild the connectome {source} with {options} "

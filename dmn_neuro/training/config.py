@@ -141,10 +141,17 @@ class ConnectomeConfig:
     codex and cave, which read the real ORNs and DNs. A mapping is used as
     given, so a config or checkpoint that spells its options out keeps its
     meaning. An option the source does not accept is an error here.
+
+    ``variant`` rewires the connectome before the circuit is built
+    (:mod:`connectome.variants`): ``None`` (the real wiring), or e.g.
+    ``{kind: shuffled, seed: 3}``, ``{kind: random, seed: 3}``,
+    ``{kind: ablate, cell_types: [APL], transmitters: ["MBON:gaba"]}``. It is
+    stored in canonical form; checkpoint validation rebuilds the same variant.
     """
 
     source: str = "flywire_v783_mb"
     source_options: Optional[Dict[str, Any]] = None
+    variant: Optional[Dict[str, Any]] = None
 
     def __post_init__(self) -> None:
         from connectome.sources import check_source_options
@@ -156,6 +163,12 @@ class ConnectomeConfig:
             check_source_options(self.source, self.source_options or {})
         except DataError as exc:
             raise ConfigError(f"config: connectome: {exc}") from None
+        from connectome.variants import normalize_variant
+
+        try:
+            self.variant = normalize_variant(self.variant)
+        except DataError as exc:
+            raise ConfigError(f"config: {exc}") from None
 
     def resolved_source_options(self) -> Dict[str, Any]:
         """The options the circuit is built with: ``source_options``, or the source's training defaults."""

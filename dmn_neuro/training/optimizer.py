@@ -60,7 +60,8 @@ def build_components(config: TrainingConfig, circuit=None, device=None):
     cc, env = config.circuit, config.environment
     if circuit is None:
         circuit = DifferentiableOlfactoryCircuit.from_connectome(
-            source=config.connectome.source, source_options=config.connectome.resolved_source_options(), dt_ms=cc.dt_ms,
+            source=config.connectome.source, source_options=config.connectome.resolved_source_options(),
+            variant=config.connectome.variant, dt_ms=cc.dt_ms,
             learnable_tau=cc.learnable_tau, learnable_threshold=cc.learnable_threshold,
             surrogate=cc.surrogate, surrogate_slope=cc.surrogate_slope,
             projection_gains=cc.projection_gains, engine=cc.engine, bias=cc.bias,
