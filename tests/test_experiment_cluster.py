@@ -15,7 +15,6 @@ import pytest
 import yaml
 
 pytestmark = pytest.mark.cluster
-ray = pytest.importorskip("ray")
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "examples" / "experiments" / "smoke.yaml"
@@ -23,6 +22,8 @@ SMOKE = REPO / "examples" / "experiments" / "smoke.yaml"
 
 @pytest.fixture(scope="module")
 def head():
+    import ray  # in .venv-cluster (make test-cluster); a missing Ray there is an error, not a skip
+
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address
