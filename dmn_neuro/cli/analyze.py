@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from dmn_neuro.cli.train import SEED
+from dmn_neuro.cli.params import SEED
 
 
 @click.command()

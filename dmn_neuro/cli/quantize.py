@@ -12,23 +12,15 @@ import logging
 
 import click
 
+from dmn_neuro.cli.params import FiniteRange
+
 from dmn_neuro.training import qat
 
 logger = logging.getLogger(__name__)
 
 
-class _FiniteRange(click.FloatRange):
-    """A float range that also refuses NaN (which compares false with both bounds)."""
-
-    def convert(self, value, param, ctx):
-        value = super().convert(value, param, ctx)
-        if value != value:
-            self.fail(f"{value} is not a number", param, ctx)
-        return value
-
-
 #: Compensations in units of the membrane's least significant bit.
-LSB = _FiniteRange(0.0, 16.0)
+LSB = FiniteRange(0.0, 16.0)
 
 
 @click.command("quantize")

@@ -10,12 +10,12 @@ from typing import Optional
 
 import click
 
+from dmn_neuro.cli.params import SEED, FiniteRange
+
 from dmn_neuro.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-#: Seeds torch accepts.
-SEED = click.IntRange(0, 2**63 - 1)
 
 
 def _load_config(config_path: Optional[str], **overrides):
@@ -70,16 +70,6 @@ def train(config_path, source, episodes, steps, batch_size, seed, device, engine
         if bar:
             bar[0].close()
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "config"}))
-
-
-class _FiniteRange(click.FloatRange):
-    """A float range that also refuses NaN (which compares false with both bounds)."""
-
-    def convert(self, value, param, ctx):
-        value = super().convert(value, param, ctx)
-        if value != value:
-            self.fail(f"{value} is not a number in the range {self._describe_range()}", param, ctx)
-        return value
 
 
 #: Ranges of the evaluation conditions (concentration relative to the Hallem 10^-2 dilution).
@@ -167,17 +157,17 @@ def checkpoint_name(checkpoint) -> str:
               help=f"Odor of every episode (any Hallem & Carlson 2006 odor; aliases such as 'isoamyl acetate' accepted). "
                    f"Repeat for a mixture (up to {MAX_MIXTURE_ODORS}): the components' ORN response changes add. "
                    "Default: the checkpoint's training odors.")
-@click.option("--concentration", type=_FiniteRange(0.0, MAX_CONCENTRATION), default=None, metavar="X",
+@click.option("--concentration", type=FiniteRange(0.0, MAX_CONCENTRATION), default=None, metavar="X",
               help="Peak concentration at the source relative to the reference (1 = the Hallem 10^-2 dilution, "
                    "the shipped models' training concentration); 0 is odor removed. Default: the checkpoint's.")
 @click.option("--plume", type=click.Choice(["exponential", "gaussian", "inverse_square"]), default=None,
               help="Plume shape of every episode. Default: the checkpoint's.")
-@click.option("--plume-length", type=_FiniteRange(0.0, MAX_PLUME_LENGTH_MM, min_open=True), default=None, metavar="MM",
+@click.option("--plume-length", type=FiniteRange(0.0, MAX_PLUME_LENGTH_MM, min_open=True), default=None, metavar="MM",
               help="Plume length scale (sigma of a gaussian, d0 otherwise). Default: the checkpoint's.")
-@click.option("--wind", type=_FiniteRange(0.0, MAX_WIND_MM_S), default=None, metavar="MM_PER_S",
+@click.option("--wind", type=FiniteRange(0.0, MAX_WIND_MM_S), default=None, metavar="MM_PER_S",
               help="Wind speed, blowing along +x (stretches the plume downwind). Default: the checkpoint's.")
-@click.option("--start-distance", type=(_FiniteRange(0.0, MAX_START_DISTANCE_MM, min_open=True),
-                                        _FiniteRange(0.0, MAX_START_DISTANCE_MM, min_open=True)),
+@click.option("--start-distance", type=(FiniteRange(0.0, MAX_START_DISTANCE_MM, min_open=True),
+                                        FiniteRange(0.0, MAX_START_DISTANCE_MM, min_open=True)),
               default=None, callback=_check_start_distance, metavar="MIN MAX",
               help="Start distance range (mm) from the source; the success radius stays the checkpoint's.")
 @click.option("--odor-removed", is_flag=True, help="Control: concentration forced to zero.")
