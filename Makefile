@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC := torch==2.13.0
 LAVA_SPEC := lava-nc==0.10.0
 
-.PHONY: all venv lava-env netx-env cluster-env demo test test-fast test-netx test-cluster bench clean
+.PHONY: all venv lava-env netx-env cluster-env demo test test-fast test-netx test-cluster bench bench-train clean
 
 all: venv lava-env
 
@@ -66,6 +66,9 @@ test-cluster: cluster-env
 
 bench: venv
 	$(PY) benchmarks/bptt.py
+
+bench-train: venv
+	$(PY) benchmarks/train.py --json
 
 clean:
 	rm -rf $(VENV) $(LAVA_VENV) $(NETX_VENV) $(CLUSTER_VENV) demo_out
