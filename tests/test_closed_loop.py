@@ -84,3 +84,15 @@ def test_evaluation_is_the_same_on_both_loops():
         tr.agent.closed_loop = mode
         out[mode] = evaluate_agent(tr.agent, tr.config, n_episodes=6, batch_size=4, episode_length=30)
     assert out["stepped"] == out["blocked"]
+
+
+def test_adapting_encoder_gives_the_same_spikes_on_both_loops():
+    tr = make_trainer(tiny_config(adaptation_tau_ms=200.0))
+    assert tr.encoder.adapting
+    a, b = _rollout(tr, "stepped", 2, 37), _rollout(tr, "blocked", 2, 37)
+    for k in a.activations:
+        assert torch.equal(a.activations[k], b.activations[k]), k
+    assert torch.equal(a.positions, b.positions)
+    plain = _rollout(make_trainer(tiny_config()), "blocked", 2, 37)
+    assert not torch.equal(plain.activations["PN"] if "PN" in plain.activations else plain.activations["KC"],
+                           b.activations["PN"] if "PN" in b.activations else b.activations["KC"])

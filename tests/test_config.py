@@ -51,7 +51,8 @@ NESTED = {
 
 
 #: Section fields that came after the flat configs (no old file can hold them).
-NEWER_KEYS = {"variant", "loihi", "qat_episodes", "weight_bits", "check_episodes"}
+NEWER_KEYS = {"variant", "loihi", "qat_episodes", "weight_bits", "check_episodes", "adaptation_tau_ms",
+              "adaptation_floor"}
 
 
 def test_every_old_flat_key_has_one_section():

@@ -1,4 +1,5 @@
 """Odor input: Hallem & Carlson data, rate/Poisson encoding, gradients."""
+import math
 from pathlib import Path
 
 import numpy as np
@@ -241,3 +242,30 @@ def test_mixture_adds_the_components_response_changes(enc):
     finally:  # the fixture is shared: drop the mixture row again
         enc.response = enc.response[:before]
         enc.odors.pop()
+
+
+def test_adaptation_gain_is_the_change_relative_to_the_running_mean(data):
+    glom = ["DM2", "DL5", "VA2"]
+    enc = OdorEncoder(glom, data=data, adaptation_tau_ms=100.0, adaptation_floor=0.01)
+    plain = OdorEncoder(glom, data=data)
+    i = torch.tensor([enc.odor_index("isopentyl acetate")] * 2)
+    c = torch.tensor([[0.5, 0.3], [2.0, 1.2]])            # two episodes x (left, right)
+    level = enc.adaptation_step(None, c)                    # starts adapted: the bilateral mean
+    assert torch.allclose(level, torch.tensor([0.4, 1.6]))
+    d = math.exp(-enc.dt_ms / 100.0)
+    nxt = enc.adaptation_step(level, c * 2)
+    assert torch.allclose(nxt, d * level + (1 - d) * 2 * level)
+    r = enc.rates(i, c, level)
+    expected = plain.rates(i, c / (level[:, None] + 0.01))  # f(c) / (a + K) in place of f(c)
+    assert torch.allclose(r, expected)
+    # the left/right contrast of episode 2 (4x the concentration) is that of episode 1, up to K
+    rel = (r[:, 0] - r[:, 1]).abs().sum(-1)
+    assert rel[1] == pytest.approx(float(rel[0]) * (0.41 / 0.40) * (1.6 / 1.61), rel=1e-5)
+    # no odor: spontaneous exactly; a static input (level None) is adapted to itself
+    assert torch.equal(enc.rates(i, torch.zeros(2, 2), torch.zeros(2)), plain.rates(i, torch.zeros(2, 2)))
+    assert torch.allclose(enc.rates(i[:1], torch.tensor([3.0])), plain.rates(i[:1], torch.tensor([3.0 / 3.01])))
+    assert not plain.adapting and plain.adaptation_step(None, c) is None
+    with pytest.raises(ValueError, match="adaptation_tau_ms"):
+        OdorEncoder(glom, data=data, adaptation_tau_ms=0.0)
+    with pytest.raises(ValueError, match="level"):
+        enc.rates(i, c, torch.ones(3))

@@ -95,18 +95,24 @@ class NavigationAgent(nn.Module):
         #: how :meth:`rollout` runs the circuit (see there); "auto" by default
         self.closed_loop = closed_loop
 
-    def sensory_input(self, env_state, generator: Optional[torch.Generator], odor_removed: bool = False) -> torch.Tensor:
-        """ORN input currents for both hemispheres, ``[2B, n_orn]``."""
+    def sensory_input(self, env_state, generator: Optional[torch.Generator], odor_removed: bool = False,
+                      level: Optional[torch.Tensor] = None):
+        """ORN input currents for both hemispheres ``[2B, n_orn]``, the antenna
+        concentrations ``[B, 2]`` and the encoder's next adaptation level ``[B]``
+        (``None`` for a non-adapting encoder; pass it back in at the next step,
+        ``None`` at the first step = adapted to the start)."""
         conc = self.arena.concentration(env_state)  # [B, 2] (left, right)
         if odor_removed:
             conc = torch.zeros_like(conc)
         f = self.contralateral_fraction
         if f:
             conc = (1 - f) * conc + f * conc.flip(-1)
+        if self.encoder.adapting and level is None:
+            level = self.encoder.adaptation_step(None, conc)
         both = torch.cat([conc[:, 0], conc[:, 1]], dim=0)
         odor = torch.cat([env_state.odor, env_state.odor], dim=0)
-        rates = self.encoder.rates(odor, both)
-        return self.encoder.currents(rates, generator), conc
+        rates = self.encoder.rates(odor, both, None if level is None else torch.cat([level, level]))
+        return self.encoder.currents(rates, generator), conc, self.encoder.adaptation_step(level, conc)
 
     def rollout(
         self, batch_size: int, steps: int, generator: torch.Generator, *,
@@ -149,12 +155,14 @@ class NavigationAgent(nn.Module):
             noise_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
         positions, velocities, concs = [env.pos], [], []
         rec = {n: [] for n in record}
+        level = None
         for t in range(steps):
             if tbptt_window and t > 0 and t % tbptt_window == 0:
                 cstate = _detach_tuple(type(cstate)({k: v.detach() for k, v in cstate.mem.items()},
                                                     {k: v.detach() for k, v in cstate.spikes.items()}))
                 env = _detach_tuple(env)
-            x, conc = self.sensory_input(env, noise_gen, odor_removed)
+                level = None if level is None else level.detach()
+            x, conc, level = self.sensory_input(env, noise_gen, odor_removed, level)
             if stepper is None:
                 spk, cstate = self.circuit.step(x, cstate, params)
             else:
@@ -194,14 +202,14 @@ class NavigationAgent(nn.Module):
             return env
 
         runner.advance(None)  # the steps of the downstream groups that need no input yet
-        t = 0
+        t, level = 0, None
         while t < steps:
             hi = min(steps, t + runner.block)
             xs = []
             for s in range(t, hi):
                 if s > 0:
                     env = arena_step(env, s - 1)
-                x, conc = self.sensory_input(env, noise_gen, odor_removed)
+                x, conc, level = self.sensory_input(env, noise_gen, odor_removed, level)
                 xs.append(x)
                 concs.append(conc)
             runner.advance(torch.stack(xs))

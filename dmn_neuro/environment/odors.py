@@ -25,6 +25,22 @@ Encoding (model assumptions, all documented here)
       f(c) = c (1 + K) / (c + K)        (Hill, n = 1, if hill_k = K; f(1) = 1)
 
   so ``c = 0`` gives the spontaneous rate exactly.
+* Adaptation (gain control, off unless ``adaptation_tau_ms`` is given): ORNs
+  adapt to the mean odor level and report changes relative to it (fold-change
+  coding, Nagel & Wilson 2011 *Nat Neurosci* 14:208; Cafaro 2016), and the
+  antennal lobe divides by the total input, which in Drosophila comes from both
+  antennae (Olsen, Bhandawat & Wilson 2010 *Neuron* 66:287).  Modelled as one
+  gain per episode set by the running mean ``a`` of ``f(c)`` over the two
+  antennae (exponential, time constant ``adaptation_tau_ms``)::
+
+      rate = clamp(spontaneous + f(c) / (a + K_a) * response, min=0)
+      a_0 = mean_antennae f(c_0);  a_{t+1} = d a_t + (1 - d) mean_antennae f(c_t),  d = exp(-dt / tau)
+
+  ``K_a`` = ``adaptation_floor`` (the level below which nothing is amplified:
+  no odor gives the spontaneous rate).  At a steady level ``c`` the gain is
+  ``f(c) / (f(c) + K_a)``, so static inputs (verification, analysis) use that.
+  A left/right difference is then seen relative to the mean: a fly that
+  compares its antennae does it the same way at every concentration.
 * Currents: the ORN LIF integrates ``v <- beta v + I`` (see
   :mod:`dmn_neuro.simulation.semantics`).  ``current_per_hz`` is the charge one input spike
   delivers, in normalised membrane units (threshold units of the ORN
@@ -282,6 +298,9 @@ class OdorEncoder(nn.Module):
         hill_k: if given, concentration passes a Hill function with half
             saturation ``hill_k`` normalised so that ``f(1) = 1``.
         seed: seed of the Poisson sampler used when :meth:`currents` gets no generator.
+        adaptation_tau_ms: time constant of ORN adaptation / gain control (see the
+            module docstring); ``None`` (default) = no adaptation.
+        adaptation_floor: ``K_a``, in units of the reference concentration.
         data: a preloaded :class:`HallemCarlson` (default: the bundled table).
 
     Buffers: ``response`` [n_odors, n_orn] (Hz change) and ``spontaneous`` [n_orn] (Hz).
@@ -298,6 +317,8 @@ class OdorEncoder(nn.Module):
         hill_k: Optional[float] = None,
         seed: Optional[int] = None,
         data: Optional[HallemCarlson] = None,
+        adaptation_tau_ms: Optional[float] = None,
+        adaptation_floor: float = 0.01,
     ) -> None:
         super().__init__()
         if isinstance(glomeruli, str):
@@ -322,6 +343,12 @@ class OdorEncoder(nn.Module):
         self.current_per_hz = float(current_per_hz)
         self.default_spontaneous_hz = float(default_spontaneous_hz)
         self.hill_k = None if hill_k is None else float(hill_k)
+        if adaptation_tau_ms is not None and not (np.isfinite(adaptation_tau_ms) and adaptation_tau_ms > 0):
+            raise ValueError(f"adaptation_tau_ms must be positive, got {adaptation_tau_ms}")
+        if not (np.isfinite(adaptation_floor) and adaptation_floor > 0):
+            raise ValueError(f"adaptation_floor must be positive, got {adaptation_floor}")
+        self.adaptation_tau_ms = None if adaptation_tau_ms is None else float(adaptation_tau_ms)
+        self.adaptation_floor = float(adaptation_floor)
         self.seed = seed
         self._generators: Dict[str, torch.Generator] = {}
 
@@ -441,12 +468,31 @@ class OdorEncoder(nn.Module):
             return c
         return c * (1.0 + self.hill_k) / (c + self.hill_k)
 
-    def rates(self, odor_index: torch.Tensor, concentration: torch.Tensor) -> torch.Tensor:
+    @property
+    def adapting(self) -> bool:
+        """True when the encoder adapts (``adaptation_tau_ms`` set)."""
+        return self.adaptation_tau_ms is not None
+
+    def adaptation_step(self, level: Optional[torch.Tensor], concentration: torch.Tensor) -> Optional[torch.Tensor]:
+        """Next adaptation level ``[B]`` after a step at ``concentration [B, k]`` (k antennae);
+        ``level=None`` starts adapted to this concentration. ``None`` if not adapting."""
+        if not self.adapting:
+            return None
+        now = self.concentration_gain(concentration).mean(-1)
+        if level is None:
+            return now
+        d = math.exp(-self.dt_ms / self.adaptation_tau_ms)
+        return d * level + (1.0 - d) * now
+
+    def rates(self, odor_index: torch.Tensor, concentration: torch.Tensor,
+              level: Optional[torch.Tensor] = None) -> torch.Tensor:
         """ORN firing rates (Hz).
 
         Args:
             odor_index: LongTensor [B] of odor indices (into :attr:`odors`).
             concentration: [B] or [B, k] (e.g. k = 2 antennae), relative to 10^-2.
+            level: adaptation level ``[B]`` (:meth:`adaptation_step`) of an
+                adapting encoder; ``None`` = adapted to ``concentration`` (steady state).
 
         Returns:
             [B, n_orn] for a [B] concentration, [B, k, n_orn] for [B, k].
@@ -465,6 +511,14 @@ class OdorEncoder(nn.Module):
         resp = self.response.to(device=concentration.device, dtype=dtype)[odor_index.to(concentration.device)]
         spont = self.spontaneous.to(device=concentration.device, dtype=dtype)
         gain = self.concentration_gain(concentration.to(dtype))
+        if self.adapting:
+            if level is None:
+                level = gain if gain.dim() == 1 else gain.mean(-1)
+            level = torch.as_tensor(level, device=gain.device, dtype=dtype)
+            if level.shape != gain.shape[:1]:
+                raise ValueError(f"level must be [B={gain.shape[0]}], got {tuple(level.shape)}")
+            scale = 1.0 / (level + self.adaptation_floor)
+            gain = gain * (scale if gain.dim() == 1 else scale[:, None])
         if concentration.dim() == 1:
             out = spont + gain[:, None] * resp
         else:

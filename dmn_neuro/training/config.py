@@ -226,6 +226,8 @@ class EnvironmentConfig:
     encoding: str = "poisson"
     current_per_hz: Optional[float] = None
     hill_k: Optional[float] = None
+    adaptation_tau_ms: Optional[float] = None
+    adaptation_floor: float = 0.01
     contralateral_fraction: float = 0.0
     crossed_motor: bool = True
     odors: Tuple[str, ...] = ()
@@ -236,6 +238,8 @@ class EnvironmentConfig:
         _check_choice(self, s, "encoding", ENCODINGS)
         _check_number(self, s, "current_per_hz", optional=True)
         _check_number(self, s, "hill_k", optional=True)
+        _check_number(self, s, "adaptation_tau_ms", optional=True)
+        _check_number(self, s, "adaptation_floor")
         cf = self.contralateral_fraction
         if not (_is_number(cf) and 0.0 <= cf <= 0.5):
             raise ConfigError(f"config: environment.contralateral_fraction must be in [0, 0.5], got {cf!r}")
