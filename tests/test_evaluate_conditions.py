@@ -12,7 +12,8 @@ import yaml
 from click.testing import CliRunner
 
 from dmn_neuro.cli import cli
-from dmn_neuro.cli.train import checkpoint_name, condition_tag, evaluation_config
+from dmn_neuro.cli.train import checkpoint_name, condition_tag
+from dmn_neuro.experiments.conditions import evaluation_config
 from dmn_neuro.training.checkpoint import load_circuit
 from dmn_neuro.training.config import TrainingConfig
 from dmn_neuro.training.optimizer import build_components
@@ -152,3 +153,34 @@ def test_condition_tags_and_checkpoint_names():
     assert checkpoint_name("runs/quick/checkpoints/best") == "quick_best"
     assert checkpoint_name("examples/pretrained/flywire_mb_navigator/") == "flywire_mb_navigator"
     assert checkpoint_name("x/model.pt") == "model"
+
+
+def test_table_evaluates_every_standard_condition(ck, tmp_path):
+    res = invoke("evaluate", ck, "--table", "--episodes", 2, "--device", "cpu", "--json", "--out", tmp_path / "t")
+    assert res.exit_code == 0, res.output
+    obj = json.loads(res.stdout)
+    names = [r["condition"] for r in obj["rows"]]
+    assert names[0] == "training conditions" and names[-2:] == ["odor removed", "untrained"]
+    assert [n for n in names if n.startswith("held-out odor")] == [f"held-out odor: {o}" for o in HELD_OUT]
+    assert sum(n.startswith("concentration") for n in names) == 4 and sum(n.startswith("plume") for n in names) == 3
+    rows = {r["condition"]: r for r in obj["rows"]}
+    assert rows["held-out odor: 1-hexanol"]["conditions"]["odors"] == ["1-hexanol"]
+    assert rows["concentration x0.25"]["conditions"]["concentration"] == 0.25
+    assert rows["concentration x0.25"]["conditions"]["odors"] == ["isopentyl acetate", "ethyl acetate"]
+    assert rows["plume: gaussian"]["conditions"]["plume"] == "gaussian"
+    assert rows["odor removed"]["conditions"]["odor_removed"] is True
+    # the fixture is `train --episodes 0`: its circuit is the untrained one, rebuilt here from the seed
+    assert rows["untrained"]["final_distance_mm"] == rows["training conditions"]["final_distance_mm"]
+    assert all(r["n_episodes"] == 2 and 0.0 <= r["success_rate"] <= 1.0 for r in obj["rows"])
+    assert set(obj["acceptance"]) == {"training", "held_out_odors_mean", "each_concentration_min", "each_plume_min",
+                                      "odor_removed", "untrained"}
+    on_disk = json.loads((tmp_path / "t" / "conditions.json").read_text())
+    assert on_disk["rows"] == obj["rows"]
+    assert (tmp_path / "t" / "conditions.png").stat().st_size > 0
+    assert "| untrained |" in (tmp_path / "t" / "conditions.md").read_text()
+
+
+def test_table_refuses_condition_flags(ck, tmp_path):
+    res = invoke("evaluate", ck, "--table", "--plume", "gaussian", "--out", tmp_path / "t")
+    assert res.exit_code == 2 and "--table" in res.output and "--plume" in res.output
+    assert not (tmp_path / "t").exists()

@@ -176,8 +176,12 @@ def checkpoint_name(checkpoint) -> str:
               help="Where to write the figure and JSON (default ./evaluation/CHECKPOINTNAME_CONDITIONS in the current "
                    "directory; never inside the checkpoint).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--table", is_flag=True,
+              help="Every standard condition instead (training conditions, each held-out odor, concentration "
+                   "x0.25/x0.5/x2/x4, each plume, wind, odor removed, untrained), --episodes each: "
+                   "conditions.json/.md/.png in --out (default ./evaluation/CHECKPOINTNAME_table).")
 def evaluate(checkpoint, episodes, seed, steps, odors, concentration, plume, plume_length, wind, start_distance,
-             odor_removed, device, out_dir, as_json):
+             odor_removed, device, out_dir, as_json, table):
     """Success rate and trajectory metrics of a checkpoint on held-out episodes.
 
     Without condition flags the episodes are the checkpoint's training
@@ -186,10 +190,24 @@ def evaluate(checkpoint, episodes, seed, steps, odors, concentration, plume, plu
     held_out_odors and the conditions used.
     """
     from dmn_neuro.analysis import plots
+    from dmn_neuro.experiments.conditions import evaluation_config
     from dmn_neuro.training.checkpoint import load_circuit
     from dmn_neuro.training.config import TrainingConfig, resolve_device
     from dmn_neuro.training.optimizer import build_components, evaluate_agent
 
+    if table:
+        given = [f for f, v in (("--odor", odors), ("--concentration", concentration), ("--plume", plume),
+                                ("--plume-length", plume_length), ("--wind", wind), ("--steps", steps),
+                                ("--start-distance", start_distance), ("--odor-removed", odor_removed)) if v]
+        if given:
+            raise click.UsageError(f"--table evaluates the standard conditions; it cannot be combined with {given[0]}")
+        from dmn_neuro.experiments.conditions import condition_table, markdown, write_condition_table
+
+        result = condition_table(checkpoint, episodes, seed, device=device, progress=not as_json)
+        out = Path(out_dir) if out_dir else Path.cwd() / "evaluation" / f"{checkpoint_name(checkpoint)}_table"
+        write_condition_table(result, out)
+        click.echo(json.dumps(result) if as_json else markdown(result))
+        return
     dev = resolve_device(device)
     circuit, ck = load_circuit(checkpoint, device=dev)
     cfg = TrainingConfig.from_dict(ck["meta"]["config"]).replace(device=device)
@@ -222,41 +240,6 @@ def evaluate(checkpoint, episodes, seed, steps, odors, concentration, plume, plu
     else:
         for k, v in res.items():
             click.echo(f"{k:32s} {v}")
-
-
-def evaluation_config(cfg, odors=(), concentration=None, plume=None, plume_length=None, wind=None,
-                      start_distance=None):
-    """``cfg`` with its arena fixed to the given conditions (each ``None``/empty keeps the checkpoint's).
-
-    Returns ``(config, mixture)``: ``mixture`` is the tuple of odors to mix (the
-    caller adds it to the encoder) or ``()``. A named odor replaces the training
-    set and the held-out declaration (this arena is for evaluation only); the
-    encoder then covers every Hallem odor (it has no learned parameters, so its
-    odor table does not change the model). The success radius stays the
-    checkpoint's when the start distance changes.
-    """
-    arena = cfg.environment.arena_config()
-    changes = {}
-    mixture = ()
-    if odors:
-        changes.update(odors=(odors[0],), held_out_odors=())
-        mixture = tuple(odors) if len(odors) > 1 else ()
-    if concentration is not None:
-        changes.update(peak_concentration=float(concentration), concentration_range=None)
-    if plume is not None:
-        changes.update(plume=plume, plumes=())
-    if plume_length is not None:
-        changes.update(plume_sigma_mm=float(plume_length), plume_d0_mm=float(plume_length),
-                       plume_length_range_mm=None)
-    if wind is not None:
-        changes.update(wind=(float(wind), 0.0), wind_speed_range=None)
-    if start_distance is not None:
-        changes.update(start_distance_mm=tuple(start_distance), success_radius_mm=arena.success_radius)
-    if not changes:
-        return cfg, mixture
-    env = dataclasses.replace(cfg.environment, arena=dataclasses.replace(arena, **changes),
-                              odors=() if odors else cfg.environment.odors)
-    return cfg.with_values(environment=env), mixture
 
 
 @click.command()

@@ -4,6 +4,7 @@ resumable, with metrics, checkpoints, summaries and figures) is what
 (:mod:`~dmn_neuro.experiments.spec` the experiment file,
 :mod:`~dmn_neuro.experiments.grid` running it on a process pool or Ray,
 :mod:`~dmn_neuro.experiments.evaluation` each cell's evaluations,
+:mod:`~dmn_neuro.experiments.conditions` one model under every standard condition,
 :mod:`~dmn_neuro.experiments.report` the statistics).
 
 Names are imported on first use.
@@ -19,6 +20,9 @@ _EXPORTS = {
     "load_spec": "dmn_neuro.experiments.spec",
     "run_experiment": "dmn_neuro.experiments.grid",
     "write_report": "dmn_neuro.experiments.report",
+    "evaluation_config": "dmn_neuro.experiments.conditions",
+    "condition_table": "dmn_neuro.experiments.conditions",
+    "write_condition_table": "dmn_neuro.experiments.conditions",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
