@@ -13,7 +13,8 @@ evaluation stream, never used in training or model selection) under
 Each condition fixes one factor and keeps the training distribution for the
 others (``dmn-neuro evaluate`` flags, :func:`evaluation_config`).
 :func:`write_condition_table` writes ``conditions.json``, ``conditions.md`` and
-``conditions.png``; the JSON also scores the result against the approach
+``conditions.png`` (success = at the source at the end; reached = within the radius at any
+time, the approach without the stop); the JSON also scores the result against the approach
 task's acceptance levels (issue 12) without changing anything it measured.
 """
 from __future__ import annotations
@@ -84,6 +85,7 @@ def condition_table(checkpoint: os.PathLike, episodes: int = 50, seed: int = 123
     """Success and final distance of ``checkpoint`` under every standard condition."""
     import torch
 
+    from dmn_neuro.experiments.evaluation import locomotion_metrics
     from dmn_neuro.training.checkpoint import load_circuit
     from dmn_neuro.training.config import TrainingConfig, resolve_device
     from dmn_neuro.training.optimizer import build_components, evaluate_agent
@@ -109,8 +111,10 @@ def condition_table(checkpoint: os.PathLike, episodes: int = 50, seed: int = 123
             torch.manual_seed(cfg.seed)  # as `dmn-neuro train` does before building the circuit
             model = build_components(ccfg, device=dev)[0]
         _, _, arena, agent, _ = build_components(ccfg, circuit=model, device=dev)
-        res = evaluate_agent(agent, ccfg, episodes, seed=seed, odor_removed=removed, device=dev)
+        res = evaluate_agent(agent, ccfg, episodes, seed=seed, odor_removed=removed, device=dev, return_rollouts=True)
+        loco = locomotion_metrics(res.pop("rollouts"), arena.success_radius, ccfg.circuit.dt_ms)
         rows.append({"condition": name, "group": group, "success_rate": res["success_rate"],
+                     "reached_rate": loco["reached_goal_fraction"], "mean_speed_mm_s": loco["mean_speed_mm_s"],
                      "final_distance_mm": res["final_distance_to_goal_mean"], "kc_sparsity": res["kc_sparsity"],
                      "n_episodes": res["n_episodes"], "conditions": {**arena.config.conditions(), "odor_removed": removed}})
     return {"checkpoint": str(checkpoint), "episodes_per_condition": int(episodes), "seed": int(seed),
@@ -144,9 +148,12 @@ def acceptance(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
 def markdown(table: Dict[str, Any]) -> str:
     lines = [f"Held-out episodes: {table['episodes_per_condition']} per condition, evaluation stream seed "
              f"{table['seed']} (never used in training or model selection). Checkpoint: `{table['checkpoint']}`.", "",
-             "| condition | success | final distance (mm) |", "|---|---|---|"]
+             "Success = within the success radius of the source at the end of the episode; reached = within it "
+             "at any time.", "",
+             "| condition | success | reached | final distance (mm) |", "|---|---|---|---|"]
     for r in table["rows"]:
-        lines.append(f"| {r['condition']} | {r['success_rate']:.0%} | {r['final_distance_mm']:.1f} |")
+        lines.append(f"| {r['condition']} | {r['success_rate']:.0%} | {r['reached_rate']:.0%} | "
+                     f"{r['final_distance_mm']:.1f} |")
     lines += ["", "| acceptance line | measured | target | met |", "|---|---|---|---|"]
     for k, v in table["acceptance"].items():
         sign = "<=" if k in ("odor_removed", "untrained") else ">="
