@@ -11,9 +11,10 @@ Because the zero reset is detached, the backward is the linear reverse recurrenc
 :class:`~dmn_neuro.simulation.neurons.Surrogate`). Only the pre-reset membrane
 ``v`` is saved (dtype of the input); spikes and reset masks are recomputed
 from it. A group couples its populations through delayed recurrent
-projections (KC <-> APL); feed-forward projections into or out of the group
-can be computed inside the scan chunk by chunk (:class:`_FusedIn`,
-:class:`_FusedOut`). The tensors cross ``autograd.Function`` positionally;
+projections (KC <-> APL), stepped in C where the kernels reproduce the torch
+loop's rounding (:mod:`.group_kernel`), else in torch; feed-forward
+projections into or out of the group can be computed inside the scan chunk by
+chunk (:class:`_FusedIn`, :class:`_FusedOut`). The tensors cross ``autograd.Function`` positionally;
 :class:`_ScanInputs`, :class:`_ScanSaved` and :class:`_ScanOutputs` name them
 (:func:`_flatten` / ``unflatten``).
 """

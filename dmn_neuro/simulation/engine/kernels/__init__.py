@@ -34,6 +34,11 @@ zeros. These kernels touch only active inputs and existing synapses:
 * :func:`spike_matmul_input_grad` -- ``G @ W`` through the nonzeros of ``W``.
 * :func:`spike_weight_grad` -- ``G^T @ S`` only on given edges (the synapse
   mask: the gradient off the mask is discarded by the masked weight anyway).
+* :func:`group_forward_chunk` / :func:`group_backward_chunk` -- the steps of a
+  recurrent group (KC <-> APL) over a time chunk in one call, rounded as the
+  torch loop they replace (:mod:`dmn_neuro.simulation.engine.group_kernel`);
+  :func:`dot_orders` measures in which order ``torch.mm`` sums a reduction
+  into one neuron, so that the C sum is the same.
 """
 from __future__ import annotations
 
