@@ -488,9 +488,10 @@ def dot_orders(rows: int, n: int, transposed: bool) -> Optional[torch.Tensor]:
     ``None`` when some row sums in an order spike_ops.c does not reproduce.
 
     ``transposed``: ``w`` is the transpose of a ``[1, n]`` weight (the forward
-    of a projection into one neuron, probed with binary ``X`` as the spikes it
-    multiplies), else a contiguous ``[n, 1]`` weight (its backward, probed with
-    float ``X``). Measured once per shape and thread count, with ``X`` at four
+    of a projection into one neuron), else a contiguous ``[n, 1]`` weight (its
+    backward); ``torch.mm`` takes different kernels for the two. Probed with
+    float ``X`` (the product's rounding counts too), once per shape and thread
+    count, with ``X`` at four
     16-byte aligned offsets: MKL's order depends on the alignment of ``X``, so
     the caller must hand in rows at 16-byte aligned addresses (the scan's
     step views are, when ``rows * n`` is a multiple of 4).
@@ -506,8 +507,7 @@ def dot_orders(rows: int, n: int, transposed: bool) -> Optional[torch.Tensor]:
     ok = torch.ones(rows, dtype=torch.bool)
     for trial in range(4):
         w = torch.randn(1, n, generator=g).t() if transposed else torch.randn(n, 1, generator=g)
-        base = torch.rand(rows * n + 12, generator=g)
-        base = (base < 0.5).float() if transposed else base * 2 - 1
+        base = torch.rand(rows * n + 12, generator=g) * 2 - 1
         X = base[4 * trial:4 * trial + rows * n].view(rows, n)
         want = torch.mm(X, w)[:, 0]
         Xc, wc = X.contiguous(), w.reshape(-1).contiguous()
