@@ -184,8 +184,8 @@ def _compile(cc: str, flags, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=str(target.parent))
     os.close(fd)
     try:
-        res = subprocess.run([cc, *flags, *_COMMON_FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
-                             timeout=120)
+        res = subprocess.run([cc, *flags, *_COMMON_FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+                             text=True, timeout=120)
         if res.returncode != 0:
             raise OSError((res.stderr.strip().splitlines() or ["compiler failed"])[-1])
         rfd = os.open(tmp, os.O_RDONLY)
