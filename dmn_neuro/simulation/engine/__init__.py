@@ -14,7 +14,9 @@ gradients (to float rounding) with fewer, larger operations:
   the one-step synaptic delay the current of every step is ONE matmul over
   all ``T*B`` rows of the shifted presynaptic spikes (:mod:`.projections`).
   Only a true recurrence (KC <-> APL) is stepped, inside one scan whose
-  backward is the coupled reverse recurrence.
+  backward is the coupled reverse recurrence; on the CPU in float32 its steps
+  run in C, one call per time chunk, with the torch loop's rounding
+  (:mod:`.group_kernel`).
 * on the CPU in float32, feed-forward projections with a sparse weight run
   through the event-driven C kernels of :mod:`.kernels` (forward bit-identical
   to the GEMM) and are computed inside the scan of the larger population's

@@ -11,9 +11,10 @@ Because the zero reset is detached, the backward is the linear reverse recurrenc
 :class:`~dmn_neuro.simulation.neurons.Surrogate`). Only the pre-reset membrane
 ``v`` is saved (dtype of the input); spikes and reset masks are recomputed
 from it. A group couples its populations through delayed recurrent
-projections (KC <-> APL); feed-forward projections into or out of the group
-can be computed inside the scan chunk by chunk (:class:`_FusedIn`,
-:class:`_FusedOut`). The tensors cross ``autograd.Function`` positionally;
+projections (KC <-> APL), stepped in C where the kernels reproduce the torch
+loop's rounding (:mod:`.group_kernel`), else in torch; feed-forward
+projections into or out of the group can be computed inside the scan chunk by
+chunk (:class:`_FusedIn`, :class:`_FusedOut`). The tensors cross ``autograd.Function`` positionally;
 :class:`_ScanInputs`, :class:`_ScanSaved` and :class:`_ScanOutputs` name them
 (:func:`_flatten` / ``unflatten``).
 """
@@ -23,6 +24,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type
 
 import torch
 
+from dmn_neuro.simulation.engine import group_kernel as _group_kernel
 from dmn_neuro.simulation.engine import kernels
 from dmn_neuro.simulation.engine import projections as _proj
 from dmn_neuro.simulation.engine import sparse as _sparse
@@ -239,6 +241,11 @@ class _GroupScan(torch.autograd.Function):
             else:
                 wts_t.append(w[st.t_perm] if plan.event_driven else w)
         sprev = list(spk0)
+        fg = _group_kernel.plan(plan.edges, wts, B, mem0[0], (*cur, *beta, *theta, *mem0, *spk0))
+        if fg is not None:  # the steps in C, one call per chunk (same rounding as the loop below)
+            vr = [m.contiguous().clone() for m in mem0]
+            betas = [float(b) for b in beta]
+            thetas = [th.contiguous() for th in theta]
         # Per step: v = beta*vr + I (mul, add: the rounding of snnTorch's Leaky);
         # s = v > theta written as float; vr = v - v*s (exactly v*(1-s) for s in {0,1}).
         for c0 in range(0, T, chunk):
@@ -246,7 +253,14 @@ class _GroupScan(torch.autograd.Function):
             for k, i in fed.items():  # fused incoming currents of this chunk (bit-identical to the GEMM)
                 f = inp.fused_in[i]
                 _kernel_current(f.pre_spikes, f.pre_s0, plan.fused_in[i].kplan, inbuf[k], c0, c1)
-            if plan.edges:
+            if fg is not None:
+                ext = [cur[k][c0:c1].contiguous() if cur[k] is not None else inbuf[k][:c1 - c0] for k in range(K)]
+                # (fresh, aligned initial spikes: the reductions' order depends on alignment, see kernels.dot_orders)
+                s_prev = [spk0[k].clone(memory_format=torch.contiguous_format) if c0 == 0 else S[k][c0 - 1]
+                          for k in range(K)]
+                kernels.group_forward_chunk(c1 - c0, B, plan.sizes, ext, [v[c0:c1] for v in V], [s[c0:c1] for s in S],
+                                            vr, s_prev, betas, thetas, fg)
+            elif plan.edges:
                 for t in range(c0, c1):
                     currents = []
                     for k in range(K):
@@ -286,6 +300,7 @@ class _GroupScan(torch.autograd.Function):
             outs.append(_kernel_current(S[fo.pre], spk0[fo.pre], fo.kplan, mem0[0].new_empty(T, B, fo.n_post)))
         mems = [torch.addcmul(V[k], V[k], S[k], value=-1.0) for k in range(K)] if plan.trace else vr
         ctx.plan = plan
+        ctx.group_edges = fg
         fin_saved = tuple(_FusedInTensors(f.pre_spikes.bool(), f.pre_s0.bool(), f.weight) for f in inp.fused_in)
         ctx.save_for_backward(*_flatten(_ScanSaved(tuple(V), mem0, spk0, beta, theta, wts, fin_saved,
                                                    inp.fused_out_weights)))
@@ -324,6 +339,10 @@ class _GroupScan(torch.autograd.Function):
         if elementwise_kernel:
             mbuf = [V[k].new_empty(chunk, B, n) for k, n in enumerate(plan.sizes)]
             sdbuf = [V[k].new_empty(chunk, B, n) for k, n in enumerate(plan.sizes)] if plan.edges else None
+        fg = ctx.group_edges
+        if plan.edges:  # recurrent part of dL/dv per step; its chunk sum goes into dL/dtheta
+            rbuf = [V[k].new_empty(chunk, B, n) for k, n in enumerate(plan.sizes)]
+            has_out = [q for q in range(K) if outgoing[q]]
         gbuf = {fo.pre: V[fo.pre].new_empty(chunk, B, plan.sizes[fo.pre])
                 for j, fo in enumerate(plan.fused_out) if gO[j] is not None}
         fo_acc = [_WeightGradAcc(fo.n_post, plan.sizes[fo.pre], fo.grad_mask, V[0])
@@ -382,24 +401,30 @@ class _GroupScan(torch.autograd.Function):
                         ac[-1].addcmul_(m[-1], h)
                 Mc.append(m)
                 SDc.append(sd)
-            for t in range(c1 - 1, c0 - 1, -1):
+            if fg is not None:  # the reverse steps in C (same rounding as the loop below)
+                kernels.group_backward_chunk(L, B, plan.sizes, Aw, Mc, SDc, betas, [r[:L] for r in rbuf], c1 == T, fg)
+            elif plan.edges:
+                for q in has_out:
+                    rbuf[q][:L].zero_()
+            for t in range(c1 - 1, c0 - 1, -1) if fg is None else ():
                 if t == T - 1:
                     continue
                 i = t - c0
                 if plan.edges:
-                    for q in range(K):
+                    for q in has_out:
                         r = None
                         for e, p in outgoing[q]:
                             st = plan.edges[e][2]
                             a_next = As[p][i + 1]
                             c = torch.mm(a_next, wts[e]) if st is None else st.spmm_t(wts[e], a_next)
                             r = c if r is None else r + c
-                        if r is not None:
-                            r.mul_(SDc[q][i])  # recurrent part of dL/dv_t: (dL/ds_t via W) * sigma'
-                            As[q][i].add_(r)
-                            g_theta[q].sub_(r.sum(0))
+                        # recurrent part of dL/dv_t: (dL/ds_t via W) * sigma'
+                        As[q][i].add_(torch.mul(r, SDc[q][i], out=rbuf[q][i]))
                 for q in range(K):
                     As[q][i].addcmul_(Mc[q][i], As[q][i + 1], value=betas[q])
+            if plan.edges:
+                for q in has_out:
+                    g_theta[q].sub_(rbuf[q][:L].sum((0, 1)))
             # a[c0 .. c1) are final: gradients of the fused incoming projections for these steps
             for i, f in enumerate(plan.fused_in):
                 a_rows = Aw[f.post][:L]

@@ -34,6 +34,11 @@ zeros. These kernels touch only active inputs and existing synapses:
 * :func:`spike_matmul_input_grad` -- ``G @ W`` through the nonzeros of ``W``.
 * :func:`spike_weight_grad` -- ``G^T @ S`` only on given edges (the synapse
   mask: the gradient off the mask is discarded by the masked weight anyway).
+* :func:`group_forward_chunk` / :func:`group_backward_chunk` -- the steps of a
+  recurrent group (KC <-> APL) over a time chunk in one call, rounded as the
+  torch loop they replace (:mod:`dmn_neuro.simulation.engine.group_kernel`);
+  :func:`dot_orders` measures in which order ``torch.mm`` sums a reduction
+  into one neuron, so that the C sum is the same.
 """
 from __future__ import annotations
 
@@ -56,7 +61,9 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("spike_ops.c")
 _FLAG_SETS = (["-O3", "-march=native"], ["-O3"])
-_COMMON_FLAGS = ["-std=c99", "-shared", "-fPIC"]
+#: ISO C without contraction: every product and sum is rounded on its own, as the
+#: torch ops the kernels replace round it (clang contracts by default otherwise)
+_COMMON_FLAGS = ["-std=c99", "-ffp-contract=off", "-shared", "-fPIC"]
 #: candidate K-block sizes of the dense GEMM, tried in this order after K itself
 #: (no blocking) and before K split into equal parts (the first one that
 #: reproduces ``torch.mm`` bit for bit wins)
@@ -177,8 +184,8 @@ def _compile(cc: str, flags, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=str(target.parent))
     os.close(fd)
     try:
-        res = subprocess.run([cc, *flags, *_COMMON_FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                             timeout=120)
+        res = subprocess.run([cc, *flags, *_COMMON_FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+                             text=True, timeout=120)
         if res.returncode != 0:
             raise OSError((res.stderr.strip().splitlines() or ["compiler failed"])[-1])
         rfd = os.open(tmp, os.O_RDONLY)
@@ -242,7 +249,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.spike_wgrad.argtypes = [p, i64, i64, p, i64, p, p, p]
     lib.spike_wgrad_keep.argtypes = [p, i64, i64, p, i64, p, p, p]
     lib.lif_bwd_chunk.argtypes = [p, i64, i64, p, p, ctypes.c_int, ctypes.c_float, p, p, p, p]
-    for f in (lib.spike_fwd, lib.spike_dgrad, lib.spike_wgrad, lib.spike_wgrad_keep, lib.lif_bwd_chunk):
+    lib.dot_rows.argtypes = [p, i64, i64, p, p, p]
+    lib.group_fwd_chunk.argtypes = [i64, i64, i64, p, p, p, p, p, p, p, p, i64, p, p, p, p, p, p]
+    lib.group_bwd_chunk.argtypes = [i64, i64, i64, p, p, p, p, p, p, ctypes.c_int, i64, p, p, p, p, p, p]
+    for f in (lib.spike_fwd, lib.spike_dgrad, lib.spike_wgrad, lib.spike_wgrad_keep, lib.lif_bwd_chunk, lib.dot_rows,
+              lib.group_fwd_chunk, lib.group_bwd_chunk):
         f.restype = None
 
 
@@ -305,6 +316,7 @@ def _reset_for_tests() -> None:
     with _lock:
         _lib, _load_error = None, None
         _block_cache.clear()
+        _dot_cache.clear()
 
 
 # ---------------------------------------------------------------------------
@@ -451,3 +463,87 @@ def gemm_block_size(n_pre: int, n_post: int) -> Optional[int]:
         logger.info("dmn_neuro.simulation.engine.kernels: no summation order reproduces torch.mm for %d -> %d; using torch.mm",
                     n_pre, n_post)
     return found
+
+
+# ---------------------------------------------------------------------------
+# the steps of a recurrent group (KC <-> APL), see spike_ops.c
+# ---------------------------------------------------------------------------
+#: summation orders of a one-column GEMM that spike_ops.c reproduces (DOT_* there)
+DOT_ORDERS = {"lanes4": 0, "sequential": 1}
+_dot_cache: Dict[Tuple[int, int, bool, int], Optional[torch.Tensor]] = {}
+
+
+def _ptrs(ts) -> ctypes.Array:
+    """An array of the data pointers of ``ts`` (``None`` stays a NULL pointer)."""
+    return (ctypes.c_void_p * max(1, len(ts)))(*[None if t is None else t.data_ptr() for t in ts])
+
+
+def _i64s(xs) -> ctypes.Array:
+    return (ctypes.c_int64 * max(1, len(xs)))(*[int(x) for x in xs])
+
+
+def dot_orders(rows: int, n: int, transposed: bool) -> Optional[torch.Tensor]:
+    """For each of ``rows`` rows, the summation order (``int32`` codes of
+    :data:`DOT_ORDERS`) in which ``torch.mm(X [rows, n], w [n, 1])`` sums, or
+    ``None`` when some row sums in an order spike_ops.c does not reproduce.
+
+    ``transposed``: ``w`` is the transpose of a ``[1, n]`` weight (the forward
+    of a projection into one neuron), else a contiguous ``[n, 1]`` weight (its
+    backward); ``torch.mm`` takes different kernels for the two. Probed with
+    float ``X`` (the product's rounding counts too), once per shape and thread
+    count, with ``X`` at four
+    16-byte aligned offsets: MKL's order depends on the alignment of ``X``, so
+    the caller must hand in rows at 16-byte aligned addresses (the scan's
+    step views are, when ``rows * n`` is a multiple of 4).
+    """
+    key = (int(rows), int(n), bool(transposed), torch.get_num_threads())
+    if key in _dot_cache:
+        return _dot_cache[key]
+    lib = library()
+    if lib is None:
+        return None
+    g = torch.Generator().manual_seed(2024)
+    found = torch.full((rows,), -1, dtype=torch.int32)
+    ok = torch.ones(rows, dtype=torch.bool)
+    for trial in range(4):
+        w = torch.randn(1, n, generator=g).t() if transposed else torch.randn(n, 1, generator=g)
+        base = torch.rand(rows * n + 12, generator=g) * 2 - 1
+        X = base[4 * trial:4 * trial + rows * n].view(rows, n)
+        want = torch.mm(X, w)[:, 0]
+        Xc, wc = X.contiguous(), w.reshape(-1).contiguous()
+        match = torch.zeros(rows, dtype=torch.int32)
+        for code in sorted(DOT_ORDERS.values(), reverse=True):  # first in DOT_ORDERS wins
+            orders = torch.full((rows,), code, dtype=torch.int32)
+            got = torch.empty(rows, dtype=torch.float32)
+            lib.dot_rows(_ptr(Xc), rows, n, _ptr(wc), _ptr(orders), _ptr(got))
+            hit = got.view(torch.int32) == want.view(torch.int32)
+            match = torch.where(hit, torch.full_like(match, code + 1), match)
+        ok &= (match > 0) & ((found < 0) | (found == match - 1))
+        found = torch.where(match > 0, match - 1, found)
+    result = found if bool(ok.all()) else None
+    _dot_cache[key] = result
+    if result is None:
+        logger.info("dmn_neuro.simulation.engine.kernels: no summation order reproduces torch.mm for %d rows x %d "
+                    "(%s); the recurrent group is stepped in torch", rows, n, "forward" if transposed else "backward")
+    return result
+
+
+def group_forward_chunk(steps: int, rows: int, sizes, ext, V, S, vr, s0, beta, theta, edges) -> None:
+    """``steps`` forward steps of a recurrent group (``group_fwd_chunk`` in
+    spike_ops.c; all tensors float32, contiguous, prepared by
+    :mod:`dmn_neuro.simulation.engine.group_kernel`)."""
+    lib = _require()
+    cur = torch.empty(max(sizes) * rows, dtype=torch.float32)
+    lib.group_fwd_chunk(len(sizes), steps, rows, _i64s(sizes), _ptrs(ext), _ptrs(V), _ptrs(S), _ptrs(vr), _ptrs(s0),
+                        (ctypes.c_float * len(beta))(*beta), _ptrs(theta), len(edges.post), _i64s(edges.post),
+                        _i64s(edges.pre), _ptr(edges.dot), _ptrs(edges.w), _ptrs(edges.fwd_orders), _ptr(cur))
+
+
+def group_backward_chunk(steps: int, rows: int, sizes, A, keep, sd, beta, R, skip_last: bool, edges) -> None:
+    """The reverse steps of a recurrent group over one chunk (``group_bwd_chunk``)."""
+    lib = _require()
+    cur = torch.empty(max(sizes) * rows, dtype=torch.float32)
+    lib.group_bwd_chunk(len(sizes), steps, rows, _i64s(sizes), _ptrs(A), _ptrs(keep), _ptrs(sd),
+                        (ctypes.c_float * len(beta))(*beta), _ptrs(R), int(bool(skip_last)), len(edges.post),
+                        _i64s(edges.post), _i64s(edges.pre), _ptr(edges.dot), _ptrs(edges.w), _ptrs(edges.bwd_orders),
+                        _ptr(cur))
