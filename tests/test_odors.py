@@ -269,3 +269,13 @@ def test_adaptation_gain_is_the_change_relative_to_the_running_mean(data):
         OdorEncoder(glom, data=data, adaptation_tau_ms=0.0)
     with pytest.raises(ValueError, match="level"):
         enc.rates(i, c, torch.ones(3))
+
+
+def test_adaptation_level_is_the_response_to_a_steady_odor(data):
+    enc = OdorEncoder(["DM2", "DL5"], data=data, adaptation_tau_ms=100.0, adaptation_floor=1e-6, adaptation_level=0.25)
+    plain = OdorEncoder(["DM2", "DL5"], data=data)
+    i = torch.tensor([enc.odor_index("isopentyl acetate")])
+    for c in (0.1, 1.0, 10.0):  # any steady concentration reads as 0.25 of the reference
+        assert torch.allclose(enc.rates(i, torch.tensor([c])), plain.rates(i, torch.tensor([0.25])), rtol=1e-4)
+    with pytest.raises(ValueError, match="adaptation_level"):
+        OdorEncoder(["DM2"], data=data, adaptation_tau_ms=100.0, adaptation_level=-1.0)

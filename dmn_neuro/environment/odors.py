@@ -33,12 +33,14 @@ Encoding (model assumptions, all documented here)
   gain per episode set by the running mean ``a`` of ``f(c)`` over the two
   antennae (exponential, time constant ``adaptation_tau_ms``)::
 
-      rate = clamp(spontaneous + f(c) / (a + K_a) * response, min=0)
+      rate = clamp(spontaneous + L_a f(c) / (a + K_a) * response, min=0)
       a_0 = mean_antennae f(c_0);  a_{t+1} = d a_t + (1 - d) mean_antennae f(c_t),  d = exp(-dt / tau)
 
   ``K_a`` = ``adaptation_floor`` (the level below which nothing is amplified:
-  no odor gives the spontaneous rate).  At a steady level ``c`` the gain is
-  ``f(c) / (f(c) + K_a)``, so static inputs (verification, analysis) use that.
+  no odor gives the spontaneous rate) and ``L_a`` = ``adaptation_level`` the
+  response to a steady odor, as a concentration relative to the reference.  At a
+  steady level ``c`` the gain is ``L_a f(c) / (f(c) + K_a)``, so static inputs
+  (verification, analysis) use that.
   A left/right difference is then seen relative to the mean: a fly that
   compares its antennae does it the same way at every concentration.
 * Currents: the ORN LIF integrates ``v <- beta v + I`` (see
@@ -301,6 +303,8 @@ class OdorEncoder(nn.Module):
         adaptation_tau_ms: time constant of ORN adaptation / gain control (see the
             module docstring); ``None`` (default) = no adaptation.
         adaptation_floor: ``K_a``, in units of the reference concentration.
+        adaptation_level: ``L_a``, the concentration (relative to the reference) an
+            ORN adapted to a steady odor reports.
         data: a preloaded :class:`HallemCarlson` (default: the bundled table).
 
     Buffers: ``response`` [n_odors, n_orn] (Hz change) and ``spontaneous`` [n_orn] (Hz).
@@ -319,6 +323,7 @@ class OdorEncoder(nn.Module):
         data: Optional[HallemCarlson] = None,
         adaptation_tau_ms: Optional[float] = None,
         adaptation_floor: float = 0.01,
+        adaptation_level: float = 1.0,
     ) -> None:
         super().__init__()
         if isinstance(glomeruli, str):
@@ -349,6 +354,9 @@ class OdorEncoder(nn.Module):
             raise ValueError(f"adaptation_floor must be positive, got {adaptation_floor}")
         self.adaptation_tau_ms = None if adaptation_tau_ms is None else float(adaptation_tau_ms)
         self.adaptation_floor = float(adaptation_floor)
+        if not (np.isfinite(adaptation_level) and adaptation_level > 0):
+            raise ValueError(f"adaptation_level must be positive, got {adaptation_level}")
+        self.adaptation_level = float(adaptation_level)
         self.seed = seed
         self._generators: Dict[str, torch.Generator] = {}
 
@@ -517,7 +525,7 @@ class OdorEncoder(nn.Module):
             level = torch.as_tensor(level, device=gain.device, dtype=dtype)
             if level.shape != gain.shape[:1]:
                 raise ValueError(f"level must be [B={gain.shape[0]}], got {tuple(level.shape)}")
-            scale = 1.0 / (level + self.adaptation_floor)
+            scale = self.adaptation_level / (level + self.adaptation_floor)
             gain = gain * (scale if gain.dim() == 1 else scale[:, None])
         if concentration.dim() == 1:
             out = spont + gain[:, None] * resp

@@ -228,6 +228,7 @@ class EnvironmentConfig:
     hill_k: Optional[float] = None
     adaptation_tau_ms: Optional[float] = None
     adaptation_floor: float = 0.01
+    adaptation_level: float = 1.0
     contralateral_fraction: float = 0.0
     crossed_motor: bool = True
     odors: Tuple[str, ...] = ()
@@ -240,6 +241,7 @@ class EnvironmentConfig:
         _check_number(self, s, "hill_k", optional=True)
         _check_number(self, s, "adaptation_tau_ms", optional=True)
         _check_number(self, s, "adaptation_floor")
+        _check_number(self, s, "adaptation_level")
         cf = self.contralateral_fraction
         if not (_is_number(cf) and 0.0 <= cf <= 0.5):
             raise ConfigError(f"config: environment.contralateral_fraction must be in [0, 0.5], got {cf!r}")

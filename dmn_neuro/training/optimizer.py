@@ -69,7 +69,8 @@ def build_components(config: TrainingConfig, circuit=None, device=None):
         )
     circuit = circuit.to(device)
     enc_kw: Dict[str, Any] = {"dt_ms": cc.dt_ms, "encoding": env.encoding, "hill_k": env.hill_k,
-                              "adaptation_tau_ms": env.adaptation_tau_ms, "adaptation_floor": env.adaptation_floor}
+                              "adaptation_tau_ms": env.adaptation_tau_ms, "adaptation_floor": env.adaptation_floor,
+                              "adaptation_level": env.adaptation_level}
     # Default input gain: 3 ORN thresholds per 1000 Hz (see README, "Odor input").
     enc_kw["current_per_hz"] = env.current_per_hz or default_current_per_hz(circuit)
     encoder = OdorEncoder(circuit.orn_glomeruli, odors=list(env.odors) or None, **enc_kw).to(device)
