@@ -25,7 +25,16 @@ Equal loss and gradients (allclose) are asserted between the two variants.
 Whole-brain scale: forward simulation ms/step on a synthetic connectome of
 FlyWire size (connectome.sources.synthetic, scale='whole_brain': ~141k
 neurons, ~15M edges) with one recurrent sparse projection, via the CSR SpMM
-path and the event-driven path (gather of the active presynaptic rows).
+path and the event-driven path (gather of the active presynaptic rows):
+median, min and max of ``--wb-runs`` timed runs in this process; then, in a
+child process with a resident-set watchdog (``--wb-mem-limit-gb``), fwd+bwd
+BPTT of that circuit at T=``--wb-bptt-steps`` (ms/step, peak memory).
+
+``--peers`` (make bench-peers): also a ``torch.compile``d plain loop, Norse and
+SpikingJelly (benchmarks/peers.py: how each matches the semantics), timed in
+the same alternation, with their spike equality and gradient error vs the
+engine; T=5000 memory of the engine and the compiled loop, each with and
+without checkpointing. Load averages before/after each part go to the JSON.
 
 Allocator: every tensor over glibc's mmap threshold (32 MB at most) is a fresh
 mmap whose pages fault in on first touch (measured here: ~0.2 s of system time
