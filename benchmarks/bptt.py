@@ -309,7 +309,8 @@ def peer_agreement(kind, bundle, x, args, loss, grads, spikes, engine_ref) -> di
             names = [n for n, p in bundle[0].named_parameters() if p.requires_grad]
             skip = tuple(i for i, n in enumerate(names) if "beta" in n)
     err, problem = grad_error(e_grads, grads, skip=skip)
-    return {"loss_abs_diff": abs(loss - e_loss), "output_spikes_equal": all(torch.equal(spikes[k], e_spk[k]) for k in e_spk),
+    return {"loss_abs_diff": abs(loss - e_loss),
+            "output_spikes_equal": all(torch.equal(spikes[k], e_spk[k]) for k in e_spk),
             "output_spikes_differing": int(sum(int((spikes[k] != e_spk[k]).sum()) for k in e_spk)),
             "grad_max_rel_err": err["max_rel_err"], "grads_allclose_1e-3": problem is None,
             "surrogate_slope_compared": peers.PEER_SLOPE if kind in ("norse", "spikingjelly") else bundle[4],
@@ -506,13 +507,15 @@ def main(argv=None) -> int:
                     help="odor: real odors, Poisson-encoded (default); drive: synthetic overdrive (most PNs active)")
     ap.add_argument("--sparse", default="", help="projections run on the sparse path, e.g. 'PN->KC,KC->MBON'")
     ap.add_argument("--wb-steps", type=int, default=100, help="steps of the whole-brain forward")
-    ap.add_argument("--wb-runs", type=int, default=5, help="timed runs of each whole-brain measurement (median, min, max)")
+    ap.add_argument("--wb-runs", type=int, default=5,
+                    help="timed runs of each whole-brain measurement (median, min, max)")
     ap.add_argument("--wb-bptt-steps", type=int, default=100, help="steps of the whole-brain fwd+bwd (0: skip it)")
     ap.add_argument("--wb-mem-limit-gb", type=float, default=10.0,
                     help="abort the whole-brain fwd+bwd when its process's resident set passes this")
     ap.add_argument("--skip-wholebrain", action="store_true")
     ap.add_argument("--peers", action="store_true",
-                    help="also time torch.compile of a plain loop, Norse and SpikingJelly (when installed; make peers-env)")
+                    help="also time torch.compile of a plain loop, Norse and SpikingJelly "
+                         "(when installed; make peers-env)")
     ap.add_argument("--no-malloc-tune", action="store_true", help="keep glibc's mmap/trim thresholds in the timing process")
     # internal (child processes)
     ap.add_argument("--child", choices=("baseline", "engine", "wholebrain-bptt") + PEERS,
@@ -671,7 +674,8 @@ def main(argv=None) -> int:
         log(f"whole-brain fwd+bwd BPTT: {json.dumps(result['wholebrain_bptt'])}")
     if "peers" in result:
         pe = result["peers"]
-        log(f"| B={args.batch}, T=500 fwd+bwd | median s | engine speedup | output spikes == engine | grad max rel err |")
+        log(f"| B={args.batch}, T=500 fwd+bwd | median s | engine speedup | output spikes == engine "
+            "| grad max rel err |")
         log("|---|---|---|---|---|")
         for k in PEERS:
             if k in pe:
