@@ -6,11 +6,12 @@ VENV := .venv
 LAVA_VENV := .venv-lava
 NETX_VENV := .venv-netx
 CLUSTER_VENV := .venv-cluster
+PEERS_VENV := .venv-peers
 PY := $(VENV)/bin/python
 TORCH_SPEC := torch==2.13.0
 LAVA_SPEC := lava-nc==0.10.0
 
-.PHONY: all venv lava-env netx-env cluster-env demo test test-fast test-netx test-cluster bench bench-train clean
+.PHONY: all venv lava-env netx-env cluster-env demo test test-fast test-netx test-cluster test-peers peers-env bench bench-peers bench-train clean
 
 all: venv lava-env
 
@@ -51,6 +52,18 @@ $(CLUSTER_VENV)/.stamp: pyproject.toml
 	touch $@
 cluster-env: $(CLUSTER_VENV)/.stamp
 
+# Optional: the peer SNN libraries for `make bench-peers` (Norse, SpikingJelly). Not part of make test.
+# The constraints file keeps torch at the local CPU build: `pip install norse` otherwise pulls
+# a CUDA torch (multi-GB) through torchvision.
+$(PEERS_VENV)/.stamp: pyproject.toml
+	test -x $(PEERS_VENV)/bin/python || $(PY311) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	echo "$(TORCH_SPEC)" > $(PEERS_VENV)/constraints.txt
+	$(PEERS_VENV)/bin/python -m pip install -q -c $(PEERS_VENV)/constraints.txt $(TORCH_SPEC)
+	$(PEERS_VENV)/bin/python -m pip install -q -c $(PEERS_VENV)/constraints.txt -e '.[dev]' norse spikingjelly
+	touch $@
+peers-env: $(PEERS_VENV)/.stamp
+
 demo: venv lava-env
 	$(PY) examples/demo.py --out demo_out
 
@@ -67,8 +80,16 @@ test-cluster: cluster-env
 bench: venv
 	$(PY) benchmarks/bptt.py
 
+# The peer libraries run the engine's dynamics (tests/test_peers.py).
+test-peers: peers-env
+	$(PEERS_VENV)/bin/pytest -q -m peers tests/test_peers.py
+
+# The engine against a compiled plain loop, Norse and SpikingJelly (matched semantics).
+bench-peers: peers-env
+	$(PEERS_VENV)/bin/python benchmarks/bptt.py --peers --json
+
 bench-train: venv
 	$(PY) benchmarks/train.py --json
 
 clean:
-	rm -rf $(VENV) $(LAVA_VENV) $(NETX_VENV) $(CLUSTER_VENV) demo_out
+	rm -rf $(VENV) $(LAVA_VENV) $(NETX_VENV) $(CLUSTER_VENV) $(PEERS_VENV) demo_out

@@ -25,7 +25,16 @@ Equal loss and gradients (allclose) are asserted between the two variants.
 Whole-brain scale: forward simulation ms/step on a synthetic connectome of
 FlyWire size (connectome.sources.synthetic, scale='whole_brain': ~141k
 neurons, ~15M edges) with one recurrent sparse projection, via the CSR SpMM
-path and the event-driven path (gather of the active presynaptic rows).
+path and the event-driven path (gather of the active presynaptic rows):
+median, min and max of ``--wb-runs`` timed runs in this process; then, in a
+child process with a resident-set watchdog (``--wb-mem-limit-gb``), fwd+bwd
+BPTT of that circuit at T=``--wb-bptt-steps`` (ms/step, peak memory).
+
+``--peers`` (make bench-peers): also a ``torch.compile``d plain loop, Norse and
+SpikingJelly (benchmarks/peers.py: how each matches the semantics), timed in
+the same alternation, with their spike equality and gradient error vs the
+engine; T=5000 memory of the engine and the compiled loop, each with and
+without checkpointing. Load averages before/after each part go to the JSON.
 
 Allocator: every tensor over glibc's mmap threshold (32 MB at most) is a fresh
 mmap whose pages fault in on first touch (measured here: ~0.2 s of system time
@@ -65,6 +74,8 @@ from dmn_neuro.simulation.engine import (  # noqa: E402
     PopulationParams, ProjectionParams, SparseStructure, run_layered,
 )
 from dmn_neuro.simulation.neurons import make_surrogate  # noqa: E402
+
+from benchmarks import peers  # noqa: E402
 
 OUTPUTS = ["MBON", "DN"]
 WB_GAIN = 0.15
@@ -213,12 +224,26 @@ def engine_projections(projs, sparse: list):
             for q in projs()]
 
 
-def fwd_bwd(kind: str, bundle, x: torch.Tensor, checkpoint_every, sparse):
-    mod, pops, projs, surrogate, slope, _ = bundle
+#: contenders of --peers (besides the snnTorch baseline and the engine)
+PEERS = ("compiled", "norse", "spikingjelly")
+
+
+def fwd_bwd(kind: str, bundle, x: torch.Tensor, checkpoint_every, sparse, slope=None, spikes_out=None):
+    """One forward+backward of ``kind``; ``slope`` overrides the surrogate's (engine/plain loops);
+    ``spikes_out``: dict that receives the output spikes (bool)."""
+    mod, pops, projs, surrogate, model_slope, _ = bundle
+    slope = model_slope if slope is None else slope
     params = [p for p in mod.parameters() if p.requires_grad]
     t0 = time.perf_counter()
     if kind == "baseline":
         out = snntorch_loop(x, pops(), projs(), surrogate, slope, outputs=OUTPUTS)
+    elif kind in ("compiled", "plain"):
+        out = peers.plain_loop(x, pops(), projs(), surrogate, slope, outputs=OUTPUTS, compiled=kind == "compiled",
+                               checkpoint_every=checkpoint_every)
+    elif kind == "norse":
+        out = peers.norse_loop(x, pops(), projs(), outputs=OUTPUTS)
+    elif kind == "spikingjelly":
+        out = peers.spikingjelly_loop(x, pops(), projs(), outputs=OUTPUTS)
     else:
         out = run_layered(x, pops(), engine_projections(projs, sparse), surrogate, slope, outputs=OUTPUTS,
                           checkpoint_every=checkpoint_every)
@@ -227,29 +252,69 @@ def fwd_bwd(kind: str, bundle, x: torch.Tensor, checkpoint_every, sparse):
     wall = time.perf_counter() - t0
     grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
     rates = {k: float(v.detach().mean()) for k, v in out.items()}
+    if spikes_out is not None:
+        spikes_out.update({k: v.detach().bool() for k, v in out.items()})
     return float(loss.detach()), grads, wall, rates
 
 
-def compare(loss_a, grads_a, loss_b, grads_b, rtol=1e-3):
-    """Loss equal to float rounding; every gradient allclose relative to its scale."""
-    if abs(loss_a - loss_b) > 1e-5 * max(1.0, abs(loss_a)):
-        raise AssertionError(f"loss differs: baseline {loss_a} vs engine {loss_b}")
-    worst, nonfinite = 0.0, 0
-    for a, b in zip(grads_a, grads_b):
+def load() -> list:
+    """1/5/15-minute load average of the machine (``uptime``)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover - not Unix
+        return []
+
+
+def grad_error(grads_a, grads_b, rtol=1e-3, skip=()):
+    """Max over parameters of ``max|a - b| / max|a|`` (finite entries; parameters in
+    ``skip`` left out), non-finite entries, and where the two disagree (None if nowhere)."""
+    worst, nonfinite, problem = 0.0, 0, None
+    for i, (a, b) in enumerate(zip(grads_a, grads_b)):
+        if i in skip:
+            continue
         fa, fb = torch.isfinite(a), torch.isfinite(b)
         # BPTT through the KC<->APL loop can overflow on both paths alike; they must agree on where
         if not torch.equal(fa, fb) or not torch.equal(a[~fa].nan_to_num(), b[~fb].nan_to_num()):
-            raise AssertionError("gradients differ in their non-finite entries")
+            problem = problem or "gradients differ in their non-finite entries"
         nonfinite += int((~fa).sum())
-        a, b = a[fa], b[fb]
+        a, b = a[fa & fb], b[fa & fb]
         if a.numel() == 0:
             continue
         scale = float(a.abs().max()) + 1e-30
         err = float((a - b).abs().max()) / scale
         worst = max(worst, err)
         if not torch.allclose(a, b, rtol=rtol, atol=rtol * scale):
-            raise AssertionError(f"gradients differ: max relative error {err:.2e}")
-    return {"max_rel_err": worst, "nonfinite_entries": nonfinite}
+            problem = problem or f"gradients differ: max relative error {err:.2e}"
+    return {"max_rel_err": worst, "nonfinite_entries": nonfinite}, problem
+
+
+def compare(loss_a, grads_a, loss_b, grads_b, rtol=1e-3):
+    """Loss equal to float rounding; every gradient allclose relative to its scale."""
+    if abs(loss_a - loss_b) > 1e-5 * max(1.0, abs(loss_a)):
+        raise AssertionError(f"loss differs: baseline {loss_a} vs engine {loss_b}")
+    res, problem = grad_error(grads_a, grads_b, rtol)
+    if problem:
+        raise AssertionError(problem)
+    return res
+
+
+def peer_agreement(kind, bundle, x, args, loss, grads, spikes, engine_ref) -> dict:
+    """How a peer's loss, output spikes and gradients compare with the engine's
+    (for Norse/SpikingJelly against an engine run with their surrogate slope)."""
+    e_loss, e_grads, e_spk = engine_ref
+    skip = ()
+    if kind in ("norse", "spikingjelly"):
+        e_loss, e_grads, _, _ = fwd_bwd("engine", bundle, x, None, args.sparse, slope=peers.PEER_SLOPE)
+        if kind == "spikingjelly":  # its decay is a Python float: no gradient
+            names = [n for n, p in bundle[0].named_parameters() if p.requires_grad]
+            skip = tuple(i for i, n in enumerate(names) if "beta" in n)
+    err, problem = grad_error(e_grads, grads, skip=skip)
+    return {"loss_abs_diff": abs(loss - e_loss),
+            "output_spikes_equal": all(torch.equal(spikes[k], e_spk[k]) for k in e_spk),
+            "output_spikes_differing": int(sum(int((spikes[k] != e_spk[k]).sum()) for k in e_spk)),
+            "grad_max_rel_err": err["max_rel_err"], "grads_allclose_1e-3": problem is None,
+            "surrogate_slope_compared": peers.PEER_SLOPE if kind in ("norse", "spikingjelly") else bundle[4],
+            "params_left_out": len(skip)}
 
 
 def _malloc_trim() -> None:
@@ -289,7 +354,8 @@ def child(args) -> None:
     bundle = build_circuit(tempfile.mkdtemp(prefix="dmn_bench_"), args.circuit)
     x = make_input(bundle, args.T, args.batch, args.input)
     ck = args.checkpoint_every if args.checkpoint_every > 0 else None
-    fwd_bwd(args.child, bundle, x[:5], None, args.sparse)  # warm up kernels (block-size probes, library load)
+    # warm up kernels (block-size probes, library load, torch.compile) on the path measured
+    fwd_bwd(args.child, bundle, x[:6], 3 if ck else None, args.sparse)
     gc.collect()
     _malloc_trim()  # hand freed heap back, so that reused memory is not hidden from the peak
     try:
@@ -322,10 +388,10 @@ def run_child(kind: str, T: int, args, ck: int, grads_out: str = "") -> dict:
 # ---------------------------------------------------------------------------
 # whole-brain forward
 # ---------------------------------------------------------------------------
-def wholebrain(args) -> dict:
+def wholebrain_circuit(T: int):
+    """The synthetic FlyWire-size circuit as one recurrent sparse population, and its ORN drive ``[T, 1, n]``."""
     from connectome.sources.synthetic import generate
 
-    t0 = time.perf_counter()
     neurons, edges, _, meta = generate(seed=0, scale="whole_brain")
     n = len(neurons.id)
     pre = torch.from_numpy(edges.pre_id - 1)
@@ -338,30 +404,91 @@ def wholebrain(args) -> dict:
     # thresholds, inhibitory synapses twice as strong -> sparse, self-limiting activity
     indeg = torch.bincount(st.row, minlength=n).clamp_min(1).to(torch.float32)
     values = (WB_GAIN / indeg[st.row]) * torch.where(sign[st.col] < 0, -2.0, 1.0)
-    setup_s = time.perf_counter() - t0
-    layer = list(neurons.layer)
-    orn = torch.tensor([lay == "ORN" for lay in layer])
-    T = args.wb_steps
+    orn = torch.tensor([lay == "ORN" for lay in neurons.layer])
     g = torch.Generator().manual_seed(0)
     x = torch.zeros(T, 1, n)
     x[:, 0, orn] = (torch.rand(T, int(orn.sum()), generator=g) < 0.3).float() * 1.5
+    return n, st, values, x
+
+
+def wholebrain(args) -> dict:
+    """Forward ms/step, CSR and event-driven, ``--wb-runs`` timed runs each (alternating, one process)."""
+    t0 = time.perf_counter()
+    n, st, values, x = wholebrain_circuit(args.wb_steps)
+    setup_s = time.perf_counter() - t0
+    T = args.wb_steps
     pops = [PopulationParams("brain", torch.tensor(0.9), torch.ones(n))]
     projs = [ProjectionParams("brain", "brain", sparse=st, values=values)]
-    res = {"neurons": n, "edges": st.nnz, "setup_s": setup_s, "steps": T, "batch": 1}
-    for name, event in (("csr", False), ("event", True)):
-        with torch.no_grad():
-            run_layered(x[:3], pops, projs, input_population="brain", event_driven=event)
-            t0 = time.perf_counter()
-            out = run_layered(x, pops, projs, input_population="brain", event_driven=event)
-            res[f"{name}_ms_per_step"] = (time.perf_counter() - t0) / T * 1e3
-        res[f"{name}_activity"] = float(out["brain"].mean())
-        if name == "csr":
-            ref = out["brain"]
-        elif not torch.equal(out["brain"], ref):
-            res["event_matches_csr"] = False
-        else:
-            res["event_matches_csr"] = True
+    res = {"neurons": n, "edges": st.nnz, "setup_s": setup_s, "steps": T, "batch": 1, "runs": args.wb_runs,
+           "load_before": load()}
+    walls = {"csr": [], "event": []}
+    with torch.no_grad():
+        for name, event in (("csr", False), ("event", True)):
+            run_layered(x[:3], pops, projs, input_population="brain", event_driven=event)  # warm-up
+        for _ in range(args.wb_runs):
+            for name, event in (("csr", False), ("event", True)):
+                t0 = time.perf_counter()
+                out = run_layered(x, pops, projs, input_population="brain", event_driven=event)
+                walls[name].append((time.perf_counter() - t0) / T * 1e3)
+                res[f"{name}_activity"] = float(out["brain"].mean())
+                if name == "csr":
+                    ref = out["brain"]
+                else:
+                    res["event_matches_csr"] = res.get("event_matches_csr", True) and torch.equal(out["brain"], ref)
+    for name, w in walls.items():
+        res.update({f"{name}_ms_per_step": statistics.median(w), f"{name}_ms_per_step_min": min(w),
+                    f"{name}_ms_per_step_max": max(w), f"{name}_ms_per_step_runs": w})
+    res["load_after"] = load()
     return res
+
+
+def wholebrain_bptt_child(args) -> None:
+    """fwd+bwd BPTT of the whole-brain circuit (B=1, event-driven forward, gradient w.r.t.
+    the 15M synaptic values, the decay and the thresholds); prints ms/step and peak memory.
+    A watchdog ends the process when its resident set passes ``--wb-mem-limit-gb``."""
+    import threading
+
+    torch.set_num_threads(args.threads)
+    limit_kb = int(args.wb_mem_limit_gb * 1024 * 1024)
+
+    def watchdog():
+        while True:
+            if _rss_kb("VmRSS") > limit_kb:
+                print(json.dumps({"aborted": f"resident set over {args.wb_mem_limit_gb} GB"}), flush=True)
+                os._exit(3)
+            time.sleep(0.05)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    n, st, values, x = wholebrain_circuit(args.T)
+    values = values.requires_grad_()
+    beta = torch.tensor(0.9, requires_grad=True)
+    theta = torch.ones(n, requires_grad=True)
+    pops = [PopulationParams("brain", beta, theta)]
+    projs = [ProjectionParams("brain", "brain", sparse=st, values=values)]
+
+    def step(xs):
+        t0 = time.perf_counter()
+        out = run_layered(xs, pops, projs, input_population="brain", event_driven=True)
+        loss = ((out["brain"].mean(0) - 0.01) ** 2).sum()
+        grads = torch.autograd.grad(loss, [values, beta, theta])
+        return time.perf_counter() - t0, out["brain"], grads
+
+    step(x[:3])  # warm-up
+    gc.collect()
+    _malloc_trim()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    before = _rss_kb("VmRSS")
+    walls = []
+    for _ in range(args.wb_runs):
+        wall, spikes, grads = step(x)
+        walls.append(wall / args.T * 1e3)
+    peak = _rss_kb("VmHWM")
+    print(json.dumps({"ms_per_step": statistics.median(walls), "ms_per_step_min": min(walls),
+                      "ms_per_step_max": max(walls), "ms_per_step_runs": walls, "peak_mb": (peak - before) / 1024,
+                      "rss_before_mb": before / 1024, "activity": float(spikes.detach().mean()),
+                      "grad_finite": all(bool(torch.isfinite(g).all()) for g in grads),
+                      "grad_values_nonzero": int((grads[0] != 0).sum()), "steps": args.T, "batch": 1}))
 
 
 # ---------------------------------------------------------------------------
@@ -380,14 +507,26 @@ def main(argv=None) -> int:
                     help="odor: real odors, Poisson-encoded (default); drive: synthetic overdrive (most PNs active)")
     ap.add_argument("--sparse", default="", help="projections run on the sparse path, e.g. 'PN->KC,KC->MBON'")
     ap.add_argument("--wb-steps", type=int, default=100, help="steps of the whole-brain forward")
+    ap.add_argument("--wb-runs", type=int, default=5,
+                    help="timed runs of each whole-brain measurement (median, min, max)")
+    ap.add_argument("--wb-bptt-steps", type=int, default=100, help="steps of the whole-brain fwd+bwd (0: skip it)")
+    ap.add_argument("--wb-mem-limit-gb", type=float, default=10.0,
+                    help="abort the whole-brain fwd+bwd when its process's resident set passes this")
     ap.add_argument("--skip-wholebrain", action="store_true")
+    ap.add_argument("--peers", action="store_true",
+                    help="also time torch.compile of a plain loop, Norse and SpikingJelly "
+                         "(when installed; make peers-env)")
     ap.add_argument("--no-malloc-tune", action="store_true", help="keep glibc's mmap/trim thresholds in the timing process")
     # internal (child processes)
-    ap.add_argument("--child", choices=("baseline", "engine"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("baseline", "engine", "wholebrain-bptt") + PEERS,
+                    help=argparse.SUPPRESS)
     ap.add_argument("--T", type=int, default=500, help=argparse.SUPPRESS)
     ap.add_argument("--grads-out", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.sparse = [s for s in args.sparse.split(",") if s]
+    if args.child == "wholebrain-bptt":
+        wholebrain_bptt_child(args)
+        return 0
     if args.child:
         child(args)
         return 0
@@ -419,22 +558,44 @@ def main(argv=None) -> int:
         + ", ".join(f"{k} {v:.2%}" for k, v in result["activity_T500"].items())
         + f"; event-driven kernels: {'on' if kernels.available() else 'off (' + str(kernels.load_error()) + ')'}")
     fwd_bwd("engine", bundle, x[:10], None, args.sparse)  # warm-up
-    walls = {"baseline": [], "engine": []}
-    cpus = {"baseline": [], "engine": []}  # process CPU time: less sensitive to other load on the box
+    kinds = ["baseline", "engine"]
+    if args.peers:
+        found = peers.available()
+        kinds += [k for k in PEERS if k == "compiled" or k in found]
+        result["peers"] = {"installed": found, "missing": [k for k in PEERS[1:] if k not in found],
+                           "matching": peers.__doc__.split("\n\n", 1)[1].strip()}
+        t0 = time.perf_counter()
+        fwd_bwd("compiled", bundle, x[:3], None, args.sparse)  # torch.compile: forward and backward graphs
+        result["peers"]["compile_s"] = time.perf_counter() - t0
+        log(f"peers: {kinds[2:]} (missing: {result['peers']['missing'] or 'none'}); "
+            f"torch.compile of the step: {result['peers']['compile_s']:.1f} s (not in the timings)")
+    walls = {k: [] for k in kinds}
+    cpus = {k: [] for k in kinds}  # process CPU time: less sensitive to other load on the box
     ref = None
+    result["load_T500"] = {"before": load()}
     for i in range(runs):
-        for kind in ("baseline", "engine"):
+        for kind in kinds:
             c0 = time.process_time()
-            loss, grads, wall, rates = fwd_bwd(kind, bundle, x, None, args.sparse)
+            spk = {}
+            loss, grads, wall, rates = fwd_bwd(kind, bundle, x, None, args.sparse, spikes_out=spk)
             cpus[kind].append(time.process_time() - c0)
             walls[kind].append(wall)
             if ref is None:
                 ref = (loss, grads)
                 result["rates_T500"] = rates
-            elif i == 0:
+            elif i == 0 and kind == "engine":
                 result["grad_max_rel_err_T500"] = compare(ref[0], ref[1], loss, grads)
+                engine_ref = (loss, grads, spk)
+            elif i == 0:
+                result["peers"][kind] = peer_agreement(kind, bundle, x, args, loss, grads, spk, engine_ref)
+                log(f"{kind} vs engine: {result['peers'][kind]}")
             del grads
+    result["load_T500"]["after"] = load()
     med = {k: statistics.median(v) for k, v in walls.items()}
+    if args.peers:
+        for k in kinds[2:]:
+            result["peers"][k].update({"s_T500": med[k], "engine_speedup_T500": med[k] / med["engine"],
+                                       "walls_T500": walls[k], "cpu_s_T500": cpus[k]})
     result.update({"baseline_s_T500": med["baseline"], "engine_s_T500": med["engine"],
                    "speedup_T500": med["baseline"] / med["engine"], "runs_T500": runs,
                    "walls_T500": walls, "cpu_s_T500": cpus,
@@ -452,6 +613,15 @@ def main(argv=None) -> int:
     log(f"T=5000: loss equal, grads allclose ({result['grad_max_rel_err_T5000']})")
     result.update({"engine_peak_mb_T5000": mem_e["peak_mb"], "baseline_peak_mb_T5000": mem_b["peak_mb"],
                    "memory_method": mem_e["method"], "engine_checkpoint_every_T5000": args.checkpoint_every})
+    if args.peers:  # like for like: engine and compiled loop, each with and without checkpointing
+        mem = {"load_before": load()}
+        for kind in ("engine", "compiled"):
+            for ck in (args.checkpoint_every, 0):
+                r = run_child(kind, T, args, ck)
+                mem[f"{kind}_{'ckpt' if ck else 'no_ckpt'}"] = {"peak_mb": r["peak_mb"], "wall_s": r["wall_s"]}
+                log(f"T=5000 {kind} checkpoint_every={ck or 'none'}: {r['peak_mb']:.0f} MB, {r['wall_s']:.1f} s")
+        mem["load_after"] = load()
+        result["peers"]["memory_T5000"] = mem
     long_walls = {"baseline": [mem_b["wall_s"]], "engine": [mem_e["wall_s"]]}
     if not args.quick:
         x = make_input(bundle, T, args.batch, args.input)
@@ -470,6 +640,16 @@ def main(argv=None) -> int:
         wb = wholebrain(args)
         result["wholebrain"] = wb
         result["wholebrain_forward_ms_per_step"] = min(wb["csr_ms_per_step"], wb["event_ms_per_step"])
+        if args.wb_bptt_steps > 0:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "wholebrain-bptt", "--T",
+                   str(args.wb_bptt_steps), "--threads", str(args.threads), "--wb-runs", str(max(1, args.wb_runs // 2)),
+                   "--wb-mem-limit-gb", str(args.wb_mem_limit_gb)]
+            lb = load()
+            res = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO))
+            lines = res.stdout.strip().splitlines()
+            bp = json.loads(lines[-1]) if lines else {"failed": res.stderr.strip().splitlines()[-1:]}
+            bp.update({"load_before": lb, "load_after": load()})
+            result["wholebrain_bptt"] = bp
 
     # --- report -------------------------------------------------------------
     log("")
@@ -487,7 +667,22 @@ def main(argv=None) -> int:
         wb = result["wholebrain"]
         log(f"whole-brain forward ({wb['neurons']:,} neurons, {wb['edges']:,} edges, B=1, {wb['steps']} steps): "
             f"CSR SpMM {wb['csr_ms_per_step']:.1f} ms/step, event-driven {wb['event_ms_per_step']:.1f} ms/step "
-            f"(activity {wb['event_activity']:.2%} per step; event == CSR spikes: {wb['event_matches_csr']})")
+            f"(median of {wb['runs']}; event-driven min {wb['event_ms_per_step_min']:.1f}, max "
+            f"{wb['event_ms_per_step_max']:.1f}; activity {wb['event_activity']:.2%} per step; "
+            f"event == CSR spikes: {wb['event_matches_csr']}; load {wb['load_before']} -> {wb['load_after']})")
+    if "wholebrain_bptt" in result:
+        log(f"whole-brain fwd+bwd BPTT: {json.dumps(result['wholebrain_bptt'])}")
+    if "peers" in result:
+        pe = result["peers"]
+        log(f"| B={args.batch}, T=500 fwd+bwd | median s | engine speedup | output spikes == engine "
+            "| grad max rel err |")
+        log("|---|---|---|---|---|")
+        for k in PEERS:
+            if k in pe:
+                log(f"| {k} | {pe[k]['s_T500']:.2f} | {pe[k]['engine_speedup_T500']:.1f}x | "
+                    f"{pe[k]['output_spikes_equal']} | {pe[k]['grad_max_rel_err']:.1e} |")
+        if "memory_T5000" in pe:
+            log(f"T=5000 peak memory: {json.dumps(pe['memory_T5000'])}")
     if args.quick:
         log("(--quick: T=500 median of 3; T=5000 one run per variant, timed inside the memory child)")
     log("Timings are from one invocation on a shared machine and are noisy.")
