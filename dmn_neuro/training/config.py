@@ -40,6 +40,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import yaml
 
 from dmn_neuro.environment.arena import ArenaConfig
+from dmn_neuro.environment.choice import TASKS, ChoiceConfig
 from dmn_neuro.errors import ConfigError, DataError
 from dmn_neuro.simulation import semantics
 from dmn_neuro.simulation.neurons import DEFAULT_SURROGATE, DEFAULT_SURROGATE_SLOPE, SURROGATES
@@ -221,6 +222,15 @@ class EnvironmentConfig:
     concentration, plume type, plume length and wind ranges are ArenaConfig
     fields (``concentration_range``, ``plumes``, ``plume_length_range_mm``,
     ``wind_speed_range``); all are off by default.
+
+    Task: ``task: approach`` (default) reaches the one source of the arena;
+    ``task: choice`` puts a target and a distractor source in the arena and
+    rewards reaching the target (:mod:`dmn_neuro.environment.choice`), with
+    ``choice`` a mapping of :class:`~dmn_neuro.environment.choice.ChoiceConfig`
+    fields (target odor, training and held-out distractors, geometry). Then
+    ``odors`` must stay empty (the encoder covers every odor) and
+    :attr:`train_odors` / :attr:`held_out_odors` are the target + training
+    distractors / the held-out distractors.
     """
 
     encoding: str = "poisson"
@@ -232,6 +242,8 @@ class EnvironmentConfig:
     crossed_motor: bool = True
     odors: Tuple[str, ...] = ()
     arena: ArenaConfig = field(default_factory=ArenaConfig)
+    task: str = "approach"
+    choice: Optional[ChoiceConfig] = None
 
     def __post_init__(self) -> None:
         s = "environment."
@@ -264,15 +276,42 @@ class EnvironmentConfig:
                 self.arena_config()
             except ConfigError as exc:
                 raise ConfigError(f"config: environment: {exc}") from None
+        self._check_task()
+
+    def _check_task(self) -> None:
+        _check_choice(self, "environment.", "task", TASKS)
+        if self.task == "approach":
+            if self.choice is not None:
+                raise ConfigError("config: environment.choice is only used with environment.task: choice")
+            return
+        if self.odors:
+            raise ConfigError("config: environment.odors must be empty for task: choice (the encoder covers every "
+                              "odor; the target and distractors are declared in environment.choice)")
+        if not isinstance(self.choice, ChoiceConfig):
+            try:
+                self.choice = _section_from_dict(ChoiceConfig, self.choice, "environment.choice")
+            except ConfigError as exc:
+                msg = str(exc)
+                raise ConfigError(msg if msg.startswith("config:") else f"config: {msg}") from None
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"config: environment.choice: {exc}") from None
+        try:
+            self.choice.check_arena(self.arena)
+        except ConfigError as exc:
+            raise ConfigError(f"config: {exc}") from None
 
     @property
     def train_odors(self) -> Tuple[str, ...]:
-        """The odors training (and validation) episodes draw from."""
+        """The odors training (and validation) episodes draw from (choice: the target and the distractors)."""
+        if self.task == "choice":
+            return (self.choice.target_odor, *self.choice.distractors)
         return tuple(self.arena_config().odors)
 
     @property
     def held_out_odors(self) -> Tuple[str, ...]:
-        """Declared held-out odors (empty when none are declared)."""
+        """Declared held-out odors (choice: held-out distractors; empty when none are declared)."""
+        if self.task == "choice":
+            return tuple(self.choice.held_out_distractors)
         return tuple(self.arena.held_out_odors)
 
     def arena_config(self) -> ArenaConfig:
