@@ -47,7 +47,9 @@ import torch
 
 from connectome.errors import ConfigError
 
-from dmn_neuro.environment.arena import START_MARGIN_MM, ArenaConfig, EnvState, EpisodeConditions, OdorArena
+from dmn_neuro.environment.arena import (
+    START_MARGIN_MM, ArenaConfig, EnvState, EpisodeConditions, OdorArena, _canonical_odor,
+)
 from dmn_neuro.simulation.semantics import DEFAULT_DT_MS
 
 TASKS = ("approach", "choice")
@@ -57,13 +59,7 @@ CHOICE_NONE, CHOICE_TARGET, CHOICE_DISTRACTOR = 0, 1, 2
 
 def canonical_odor(name: str, what: str) -> str:
     """The Hallem & Carlson name of ``name`` (aliases, case); unknown names are a ConfigError naming ``what``."""
-    from dmn_neuro.environment.odors import OdorEncoder, load_hallem_carlson
-
-    names = load_hallem_carlson().odors
-    try:
-        return names[OdorEncoder._lookup(name, names)]
-    except Exception as exc:  # DataError: unknown odor, with close matches
-        raise ConfigError(f"{what}: {' '.join(str(exc).split())}") from None
+    return _canonical_odor(name, strict=True, what=what)
 
 
 def _names(value, what: str) -> Tuple[str, ...]:

@@ -124,6 +124,23 @@ def _section_from_dict(cls, d: Any, section: str):
     return cls(**d)
 
 
+def _subsection(cls, value: Any, name: str):
+    """A dataclass inside a section (``environment.arena``), given as itself or as a mapping of its fields;
+    its validation errors become one ``config: name: ...`` line."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"config: {name} must be a mapping of {cls.__name__} fields, got {value!r}")
+    try:
+        return _section_from_dict(cls, value, name)
+    except ConfigError as exc:
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith("config:") else f"config: {msg}" if msg.startswith(name)
+                          else f"config: {name}: {msg}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config: {name}: {exc}") from None
+
+
 # -- sections ----------------------------------------------------------------------------
 #: Upper bounds of the run settings: beyond them a run cannot fit this kind of
 #: machine (the closed loop keeps T x B x neurons states), or a seed overflows torch.
@@ -261,16 +278,7 @@ class EnvironmentConfig:
         if not isinstance(self.odors, (list, tuple)):
             raise ConfigError(f"config: environment.odors must be a list of odor names, got {self.odors!r}")
         self.odors = tuple(str(o) for o in self.odors)
-        if not isinstance(self.arena, ArenaConfig):
-            if not isinstance(self.arena, Mapping):
-                raise ConfigError(f"config: environment.arena must be a mapping of ArenaConfig fields, got {self.arena!r}")
-            try:
-                self.arena = _section_from_dict(ArenaConfig, self.arena, "environment.arena")
-            except ConfigError as exc:
-                msg = str(exc)
-                raise ConfigError(msg if msg.startswith("config:") else f"config: environment.arena: {msg}") from None
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"config: environment.arena: {exc}") from None
+        self.arena = _subsection(ArenaConfig, self.arena, "environment.arena")
         if self.arena.held_out_odors:
             try:  # the effective training set may come from ``odors``
                 self.arena_config()
@@ -287,14 +295,7 @@ class EnvironmentConfig:
         if self.odors:
             raise ConfigError("config: environment.odors must be empty for task: choice (the encoder covers every "
                               "odor; the target and distractors are declared in environment.choice)")
-        if not isinstance(self.choice, ChoiceConfig):
-            try:
-                self.choice = _section_from_dict(ChoiceConfig, self.choice, "environment.choice")
-            except ConfigError as exc:
-                msg = str(exc)
-                raise ConfigError(msg if msg.startswith("config:") else f"config: {msg}") from None
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"config: environment.choice: {exc}") from None
+        self.choice = _subsection(ChoiceConfig, {} if self.choice is None else self.choice, "environment.choice")
         try:
             self.choice.check_arena(self.arena)
         except ConfigError as exc:
