@@ -49,8 +49,10 @@ def _summary(rows) -> Dict[str, Any]:
 
 def choice_gradient(agent, cfg, episodes: int = 50, seed: int = 12345, episode_length: Optional[int] = None,
                     device=None, progress: Callable[[str, Dict[str, Any]], None] = lambda odor, row: None,
-                    threshold: float = THRESHOLD) -> Dict[str, Any]:
-    """Run the gradient for ``agent`` (built from the choice config ``cfg``); returns the JSON-safe result."""
+                    threshold: float = THRESHOLD, batch_size: int = 50) -> Dict[str, Any]:
+    """Run the gradient for ``agent`` (built from the choice config ``cfg``); returns the JSON-safe result.
+    Episodes run in chunks of ``batch_size`` (the chunk size picks the episodes: chunk ``k`` draws from
+    ``episode_generator(seed, k, EVAL_STREAM)``)."""
     from dmn_neuro.environment.choice import ChoiceArena, odor_similarity
     from dmn_neuro.environment.odors import load_hallem_carlson
     from dmn_neuro.training.optimizer import EVAL_STREAM, evaluate_agent
@@ -67,7 +69,7 @@ def choice_gradient(agent, cfg, episodes: int = 50, seed: int = 12345, episode_l
                 fixed = dataclasses.replace(choice, distractors=(name,), held_out_distractors=())
                 agent.arena = ChoiceArena(base.config, fixed, dt_ms=base.dt_ms, encoder=agent.encoder)
                 res = evaluate_agent(agent, cfg, episodes, seed=seed, episode_length=episode_length, device=device,
-                                     stream=EVAL_STREAM)
+                                     stream=EVAL_STREAM, batch_size=batch_size)
                 row = {"odor": name, "similarity": odor_similarity(choice.target_odor, name, data),
                        "held_out": held_out, **res["choice"]}
                 rows.append(row)
@@ -79,7 +81,8 @@ def choice_gradient(agent, cfg, episodes: int = 50, seed: int = 12345, episode_l
     headline = _mean(below, "correct_rate")
     return {
         "target_odor": choice.target_odor, "similarity_definition": SIMILARITY, "similarity_threshold": threshold,
-        "episodes_per_distractor": int(episodes), "seed": int(seed), "stream": "evaluation (held-out episodes)",
+        "episodes_per_distractor": int(episodes), "seed": int(seed), "batch_size": int(batch_size),
+        "stream": "evaluation (held-out episodes)",
         "episode_length_steps": int(episode_length or cfg.episode_length_steps),
         "success_radius_mm": float(base.success_radius),
         "choice_definition": "target: final position within the success radius of the target; distractor: within "
