@@ -49,10 +49,11 @@ def _summary(rows) -> Dict[str, Any]:
 
 def choice_gradient(agent, cfg, episodes: int = 50, seed: int = 12345, episode_length: Optional[int] = None,
                     device=None, progress: Callable[[str, Dict[str, Any]], None] = lambda odor, row: None,
-                    threshold: float = THRESHOLD, batch_size: int = 50) -> Dict[str, Any]:
+                    threshold: float = THRESHOLD, batch_size: int = 25) -> Dict[str, Any]:
     """Run the gradient for ``agent`` (built from the choice config ``cfg``); returns the JSON-safe result.
     Episodes run in chunks of ``batch_size`` (the chunk size picks the episodes: chunk ``k`` draws from
-    ``episode_generator(seed, k, EVAL_STREAM)``)."""
+    ``episode_generator(seed, k, EVAL_STREAM)``); the default is ``evaluate``'s, so that
+    ``dmn-neuro evaluate CKPT --distractor NAME`` reproduces a row."""
     from dmn_neuro.environment.choice import ChoiceArena, odor_similarity
     from dmn_neuro.environment.odors import load_hallem_carlson
     from dmn_neuro.training.optimizer import EVAL_STREAM, evaluate_agent
