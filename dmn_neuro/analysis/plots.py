@@ -90,3 +90,31 @@ def trajectories_before_after(before: List, after: List, arena, path: os.PathLik
     _draw(axes[0], before[0], arena, "before training (untrained circuit)")
     _draw(axes[1], after[0], arena, "after training")
     return _save(fig, Path(path))
+
+
+def choice_gradient(result: Dict[str, Any], path: os.PathLike) -> Path:
+    """Choice task: correct rate (left) and accuracy among episodes that chose (right) against the
+    distractor's similarity to the target; held-out distractors filled, training ones open, the
+    similarity threshold dashed (``result`` from :func:`dmn_neuro.experiments.choice_gradient.choice_gradient`)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    rows, thr = result["distractors"], float(result["similarity_threshold"])
+    for ax, key, label in ((axes[0], "correct_rate", "correct rate (all episodes)"),
+                           (axes[1], "accuracy_among_chosen", "accuracy among episodes that chose")):
+        for held, style in ((False, dict(facecolors="none", edgecolors="0.45", label="training distractor")),
+                            (True, dict(color="C3", label="held-out distractor"))):
+            pts = [(r["similarity"], r[key]) for r in rows if r["held_out"] == held and r[key] is not None]
+            if pts:
+                ax.scatter(*zip(*pts), s=28, **style)
+        ax.axvline(thr, ls="--", color="k", lw=0.8, label=f"similarity {thr:g}")
+        ax.axhline(0.5, ls=":", color="0.6", lw=0.8)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("similarity to the target (Pearson r of Hallem & Carlson responses)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7, loc="lower left")
+    head = result["acceptance"]["mean_correct_rate"]
+    axes[0].set_title(f"target {result['target_odor']}: held-out distractors below {thr:g}: mean correct "
+                      f"{'n/a' if head is None else f'{head:.0%}'} ({result['episodes_per_distractor']} episodes each)",
+                      fontsize=9)
+    axes[1].set_title("generalisation gradient (dotted: chance among chosen)", fontsize=9)
+    return _save(fig, Path(path))

@@ -100,6 +100,11 @@ def _check_odors(ctx, param, value):
     return tuple(out)
 
 
+def _check_distractor(ctx, param, value):
+    """``--distractor`` name: one known Hallem & Carlson odor (its canonical name)."""
+    return _check_odors(ctx, param, (value,))[0] if value else None
+
+
 def _check_start_distance(ctx, param, value):
     if value is None:
         return None
@@ -117,11 +122,13 @@ def _slug(text: str) -> str:
 
 
 def condition_tag(odors=(), concentration=None, plume=None, plume_length=None, wind=None, start_distance=None,
-                  steps=None, odor_removed=False) -> str:
+                  steps=None, odor_removed=False, distractor=None) -> str:
     """Short name of the evaluation conditions ("default" when none is changed)."""
     parts = []
     if odors:
         parts.append("odor-" + "+".join(odors))
+    if distractor:
+        parts.append("distractor-" + distractor)
     if concentration is not None:
         parts.append(f"conc-{concentration:g}")
     if plume:
@@ -171,6 +178,14 @@ def checkpoint_name(checkpoint) -> str:
               default=None, callback=_check_start_distance, metavar="MIN MAX",
               help="Start distance range (mm) from the source; the success radius stays the checkpoint's.")
 @click.option("--odor-removed", is_flag=True, help="Control: concentration forced to zero.")
+@click.option("--distractor", default=None, callback=_check_distractor, metavar="NAME",
+              help="Choice-task checkpoints: the distractor odor of every episode (any Hallem & Carlson odor but "
+                   "the target). Default: the checkpoint's training distractors.")
+@click.option("--choice-gradient", is_flag=True,
+              help="Choice-task checkpoints: run --episodes episodes per declared distractor (held-out and "
+                   "training) and write choice_gradient.json and choice_gradient.png: correct/wrong/none rates "
+                   "against the distractor's similarity to the target (Pearson r of their Hallem & Carlson "
+                   "response vectors), and the mean correct rate over held-out distractors with similarity < 0.8.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Where to write the figure and JSON (default ./evaluation/CHECKPOINTNAME_CONDITIONS in the current "
@@ -181,13 +196,15 @@ def checkpoint_name(checkpoint) -> str:
                    "x0.25/x0.5/x2/x4, each plume, wind, odor removed, untrained), --episodes each: "
                    "conditions.json/.md/.png in --out (default ./evaluation/CHECKPOINTNAME_table).")
 def evaluate(checkpoint, episodes, seed, steps, odors, concentration, plume, plume_length, wind, start_distance,
-             odor_removed, device, out_dir, as_json, table):
+             odor_removed, distractor, choice_gradient, device, out_dir, as_json, table):
     """Success rate and trajectory metrics of a checkpoint on held-out episodes.
 
     Without condition flags the episodes are the checkpoint's training
     conditions; each flag fixes one condition for every episode (overriding a
     training range). The JSON also reports the checkpoint's train_odors and
-    held_out_odors and the conditions used.
+    held_out_odors and the conditions used. For a choice-task checkpoint
+    success is a correct choice, and the JSON's ``choice`` holds the correct,
+    wrong and none rates.
     """
     from dmn_neuro.analysis import plots
     from dmn_neuro.experiments.conditions import evaluation_config
@@ -198,7 +215,8 @@ def evaluate(checkpoint, episodes, seed, steps, odors, concentration, plume, plu
     if table:
         given = [f for f, v in (("--odor", odors), ("--concentration", concentration), ("--plume", plume),
                                 ("--plume-length", plume_length), ("--wind", wind), ("--steps", steps),
-                                ("--start-distance", start_distance), ("--odor-removed", odor_removed)) if v]
+                                ("--start-distance", start_distance), ("--odor-removed", odor_removed),
+                                ("--distractor", distractor), ("--choice-gradient", choice_gradient)) if v]
         if given:
             raise click.UsageError(f"--table evaluates the standard conditions; it cannot be combined with {given[0]}")
         from dmn_neuro.experiments.conditions import condition_table, markdown, write_condition_table
@@ -212,9 +230,16 @@ def evaluate(checkpoint, episodes, seed, steps, odors, concentration, plume, plu
     circuit, ck = load_circuit(checkpoint, device=dev)
     cfg = TrainingConfig.from_dict(ck["meta"]["config"]).replace(device=device)
     declared = {"train_odors": list(cfg.environment.train_odors), "held_out_odors": list(cfg.environment.held_out_odors)}
+    _check_task_flags(cfg, odors, distractor, choice_gradient)
     cfg, mixture = evaluation_config(cfg, odors=odors, concentration=concentration, plume=plume,
-                                     plume_length=plume_length, wind=wind, start_distance=start_distance)
+                                     plume_length=plume_length, wind=wind, start_distance=start_distance,
+                                     distractor=distractor)
     _, encoder, arena, agent, _ = build_components(cfg, circuit=circuit, device=dev)
+    tag = condition_tag(odors, concentration, plume, plume_length, wind, start_distance, steps, odor_removed,
+                        distractor)
+    if choice_gradient:
+        out = Path(out_dir) if out_dir else Path.cwd() / "evaluation" / f"{checkpoint_name(checkpoint)}_choice_gradient"
+        return _choice_gradient(checkpoint, cfg, agent, episodes, seed, steps, dev, tag, out, as_json)
     if mixture:
         from dmn_neuro.environment.arena import OdorArena
 
@@ -228,7 +253,9 @@ def evaluate(checkpoint, episodes, seed, steps, odors, concentration, plume, plu
     res.update(declared)
     res["conditions"] = {**arena.config.conditions(), "odor_removed": bool(odor_removed or arena.config.odor_removed),
                          "episode_length_steps": res["episode_length_steps"]}
-    tag = condition_tag(odors, concentration, plume, plume_length, wind, start_distance, steps, odor_removed)
+    if cfg.environment.task == "choice":  # the arena's own odor list is not used
+        res["conditions"].pop("odors")
+        res["conditions"].update(arena.choice.conditions())
     out = Path(out_dir) if out_dir else Path.cwd() / "evaluation" / f"{checkpoint_name(checkpoint)}_{tag}"
     out.mkdir(parents=True, exist_ok=True)
     kind = "odor_removed" if odor_removed else "evaluation"
@@ -240,6 +267,48 @@ def evaluate(checkpoint, episodes, seed, steps, odors, concentration, plume, plu
     else:
         for k, v in res.items():
             click.echo(f"{k:32s} {v}")
+
+
+def _check_task_flags(cfg, odors, distractor, choice_gradient) -> None:
+    """Flags that belong to one task: one-line errors for the other."""
+    from dmn_neuro.errors import ConfigError
+
+    env = cfg.environment
+    if env.task != "choice":
+        for flag, given in (("--distractor", distractor), ("--choice-gradient", choice_gradient)):
+            if given:
+                raise ConfigError(f"{flag} needs a choice-task checkpoint; this one's task is {env.task!r}")
+        return
+    if odors:
+        raise ConfigError("--odor sets the odor of an approach-task checkpoint; for this choice-task checkpoint "
+                          "use --distractor (its target is fixed)")
+    if distractor and distractor == env.choice.target_odor:
+        raise ConfigError(f"--distractor {distractor!r} is the checkpoint's target odor")
+    if distractor and choice_gradient:
+        raise ConfigError("--choice-gradient runs every declared distractor; leave out --distractor")
+
+
+def _choice_gradient(checkpoint, cfg, agent, episodes, seed, steps, dev, tag, out, as_json) -> None:
+    from dmn_neuro.analysis import plots
+    from dmn_neuro.experiments.choice_gradient import choice_gradient
+
+    def progress(odor, row):
+        if not as_json:
+            click.echo(f"{odor:28s} similarity {row['similarity']:+.2f} {'held-out' if row['held_out'] else 'training'}"
+                       f"  correct {row['correct_rate']:.2f} wrong {row['wrong_rate']:.2f} none {row['none_rate']:.2f}",
+                       err=True)
+
+    res = {"checkpoint": str(checkpoint), "conditions": tag,
+           **choice_gradient(agent, cfg, episodes, seed=seed, episode_length=steps, device=dev, progress=progress)}
+    out.mkdir(parents=True, exist_ok=True)
+    plots.write_json(out / "choice_gradient.json", res)
+    plots.choice_gradient(res, out / "choice_gradient.png")
+    head = res["acceptance"]
+    if as_json:
+        click.echo(json.dumps(res))
+    else:
+        click.echo(f"{head['criterion']}: {head['mean_correct_rate']} ({'passed' if head['passed'] else 'not passed'});"
+                   f" wrote {out / 'choice_gradient.json'} and {out / 'choice_gradient.png'}")
 
 
 @click.command()

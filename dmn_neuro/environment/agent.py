@@ -37,8 +37,8 @@ class Rollout(NamedTuple):
     activations: Dict[str, torch.Tensor]  # population -> spikes [T, 2B, n]
     source: torch.Tensor  # [B, 3]
     start: torch.Tensor  # [B, 3]
-    odor: torch.Tensor  # [B]
-    concentration: torch.Tensor  # [T, B, 2]
+    odor: torch.Tensor  # [B]; [B, m] with m sources (choice task: target, distractor)
+    concentration: torch.Tensor  # [T, B, 2]; [T, B, 2, m] with m sources
 
     def __getitem__(self, key):
         if isinstance(key, str):
@@ -101,12 +101,12 @@ class NavigationAgent(nn.Module):
         concentrations ``[B, 2]`` and the encoder's next adaptation level ``[B]``
         (``None`` for a non-adapting encoder; pass it back in at the next step,
         ``None`` at the first step = adapted to the start)."""
-        conc = self.arena.concentration(env_state)  # [B, 2] (left, right)
+        conc = self.arena.concentration(env_state)  # [B, 2] (left, right), [B, 2, m] for m sources (choice task)
         if odor_removed:
             conc = torch.zeros_like(conc)
         f = self.contralateral_fraction
         if f:
-            conc = (1 - f) * conc + f * conc.flip(-1)
+            conc = (1 - f) * conc + f * conc.flip(1)
         if self.encoder.adapting and level is None:
             level = self.encoder.adaptation_step(None, conc)
         both = torch.cat([conc[:, 0], conc[:, 1]], dim=0)

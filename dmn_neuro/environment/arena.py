@@ -252,9 +252,9 @@ class ArenaConfig:
         return 0.1 * self.mean_start_distance_mm
 
 
-def _canonical_odor(name: str, strict: bool) -> str:
+def _canonical_odor(name: str, strict: bool, what: str = "ArenaConfig.held_out_odors") -> str:
     """The Hallem & Carlson name of ``name`` (aliases, case); unknown names raise
-    :class:`ConfigError` if ``strict``, else come back normalised."""
+    :class:`ConfigError` (naming ``what``) if ``strict``, else come back normalised."""
     from dmn_neuro.environment.odors import OdorEncoder, load_hallem_carlson
 
     names = load_hallem_carlson().odors
@@ -262,7 +262,7 @@ def _canonical_odor(name: str, strict: bool) -> str:
         return names[OdorEncoder._lookup(name, names)]
     except Exception as exc:  # DataError: unknown odor
         if strict:
-            raise ConfigError(f"ArenaConfig.held_out_odors: {exc}") from None
+            raise ConfigError(f"{what}: {' '.join(str(exc).split())}") from None
         return " ".join(str(name).split()).lower()
 
 

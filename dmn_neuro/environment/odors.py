@@ -55,6 +55,10 @@ Encoding (model assumptions, all documented here)
 * Mixtures (:meth:`OdorEncoder.add_mixture`): each component at the same
   concentration, their response changes add (as for co-expressed receptors);
   real ORN mixture responses are often sublinear, so this is an upper bound.
+  Several sources at their own concentrations (the choice task) add the same
+  way: :meth:`OdorEncoder.rates` with ``odor_index [B, m]`` and a trailing
+  source axis on the concentration gives ``spontaneous + sum_m f(c_m) response_m``
+  (adapting: divided by ``a + K_a``, with ``a`` the mean over antennae of ``sum_m f(c_m)``).
 
 Held-out split
 --------------
@@ -482,11 +486,13 @@ class OdorEncoder(nn.Module):
         return self.adaptation_tau_ms is not None
 
     def adaptation_step(self, level: Optional[torch.Tensor], concentration: torch.Tensor) -> Optional[torch.Tensor]:
-        """Next adaptation level ``[B]`` after a step at ``concentration [B, k]`` (k antennae);
+        """Next adaptation level ``[B]`` after a step at ``concentration [B, k]`` (k antennae;
+        ``[B, k, m]``: m sources, whose ``f(c)`` add);
         ``level=None`` starts adapted to this concentration. ``None`` if not adapting."""
         if not self.adapting:
             return None
-        now = self.concentration_gain(concentration).mean(-1)
+        now = self.concentration_gain(concentration)
+        now = (now.sum(-1) if now.dim() == 3 else now).mean(-1)  # [B, k, m]: m sources add
         if level is None:
             return now
         d = math.exp(-self.dt_ms / self.adaptation_tau_ms)
@@ -497,24 +503,38 @@ class OdorEncoder(nn.Module):
         """ORN firing rates (Hz).
 
         Args:
-            odor_index: LongTensor [B] of odor indices (into :attr:`odors`).
-            concentration: [B] or [B, k] (e.g. k = 2 antennae), relative to 10^-2.
+            odor_index: LongTensor [B] of odor indices (into :attr:`odors`), or
+                [B, m]: m sources per episode, whose response changes add.
+            concentration: [B] or [B, k] (e.g. k = 2 antennae), relative to 10^-2;
+                with m sources [B, m] or [B, k, m].
             level: adaptation level ``[B]`` (:meth:`adaptation_step`) of an
                 adapting encoder; ``None`` = adapted to ``concentration`` (steady state).
 
         Returns:
-            [B, n_orn] for a [B] concentration, [B, k, n_orn] for [B, k].
+            [B, n_orn] for a [B] (or [B, m]) concentration, [B, k, n_orn] for [B, k] (or [B, k, m]).
         """
         odor_index = torch.as_tensor(odor_index, device=self.response.device).long()
-        if odor_index.dim() != 1:
-            raise ValueError(f"odor_index must be [B], got shape {tuple(odor_index.shape)}")
+        if odor_index.dim() not in (1, 2):
+            raise ValueError(f"odor_index must be [B] or [B, m], got shape {tuple(odor_index.shape)}")
         if odor_index.numel() and (int(odor_index.min()) < 0 or int(odor_index.max()) >= self.n_odors):
             raise ValueError(f"odor_index out of range [0, {self.n_odors})")
         concentration = torch.as_tensor(concentration)
-        if concentration.dim() not in (1, 2) or concentration.shape[0] != odor_index.shape[0]:
-            raise ValueError(
-                f"concentration must be [B] or [B, k] with B={odor_index.shape[0]}, got {tuple(concentration.shape)}"
-            )
+        m = odor_index.shape[1:]  # () or (m,)
+        if concentration.dim() - len(m) not in (1, 2) or concentration.shape[0] != odor_index.shape[0] \
+                or tuple(concentration.shape[concentration.dim() - len(m):]) != tuple(m):
+            raise ValueError(f"concentration must be [B] or [B, k] (+ [m] sources) with B={odor_index.shape[0]}"
+                             f"{', m=' + str(m[0]) if m else ''}, got {tuple(concentration.shape)}")
+        if m:  # sources add: spontaneous + sum_m f(c_m) response_m
+            gain = self.concentration_gain(concentration.float() if not concentration.is_floating_point() else concentration)
+            resp = self.response.to(device=gain.device, dtype=gain.dtype)[odor_index.to(gain.device)]  # [B, m, n]
+            if self.adapting:
+                lev = gain.sum(-1) if gain.dim() == 2 else gain.sum(-1).mean(-1)
+                lev = torch.as_tensor(lev if level is None else level, device=gain.device, dtype=gain.dtype)
+                if lev.shape != gain.shape[:1]:
+                    raise ValueError(f"level must be [B={gain.shape[0]}], got {tuple(lev.shape)}")
+                gain = gain / (lev + self.adaptation_floor).view(-1, *([1] * (gain.dim() - 1)))
+            drive = torch.einsum("bm,bmn->bn" if gain.dim() == 2 else "bkm,bmn->bkn", gain, resp)
+            return torch.clamp(self.spontaneous.to(device=gain.device, dtype=gain.dtype) + drive, min=0.0)
         dtype = concentration.dtype if concentration.is_floating_point() else torch.float32
         resp = self.response.to(device=concentration.device, dtype=dtype)[odor_index.to(concentration.device)]
         spont = self.spontaneous.to(device=concentration.device, dtype=dtype)

@@ -35,7 +35,7 @@ TARGETS = {"training": 0.80, "held_out_odors_mean": 0.70, "each_concentration": 
 
 
 def evaluation_config(cfg, odors=(), concentration=None, plume=None, plume_length=None, wind=None,
-                      start_distance=None):
+                      start_distance=None, distractor=None):
     """``cfg`` with its arena fixed to the given conditions (each ``None``/empty keeps the checkpoint's).
 
     Returns ``(config, mixture)``: ``mixture`` is the tuple of odors to mix (the
@@ -62,6 +62,10 @@ def evaluation_config(cfg, odors=(), concentration=None, plume=None, plume_lengt
         changes.update(wind=(float(wind), 0.0), wind_speed_range=None)
     if start_distance is not None:
         changes.update(start_distance_mm=tuple(start_distance), success_radius_mm=arena.success_radius)
+    if distractor:
+        from dmn_neuro.experiments.choice_gradient import with_distractor
+
+        cfg = with_distractor(cfg, distractor)
     if not changes:
         return cfg, mixture
     env = dataclasses.replace(cfg.environment, arena=dataclasses.replace(arena, **changes),
@@ -93,6 +97,11 @@ def condition_table(checkpoint: os.PathLike, episodes: int = 50, seed: int = 123
     dev = resolve_device(device)
     circuit, ck = load_circuit(checkpoint, device=dev)
     cfg = TrainingConfig.from_dict(ck["meta"]["config"]).replace(device=device)
+    if cfg.environment.task != "approach":
+        from connectome.errors import ConfigError
+
+        raise ConfigError(f"the condition table is for approach-task checkpoints; this one's task is "
+                          f"{cfg.environment.task!r} (use --choice-gradient)")
     held = list(cfg.environment.held_out_odors)
     rows = []
     conditions = standard_conditions(held)

@@ -40,6 +40,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import yaml
 
 from dmn_neuro.environment.arena import ArenaConfig
+from dmn_neuro.environment.choice import TASKS, ChoiceConfig
 from dmn_neuro.errors import ConfigError, DataError
 from dmn_neuro.simulation import semantics
 from dmn_neuro.simulation.neurons import DEFAULT_SURROGATE, DEFAULT_SURROGATE_SLOPE, SURROGATES
@@ -121,6 +122,23 @@ def _section_from_dict(cls, d: Any, section: str):
         raise ConfigError(f"config: unknown key(s) in {section}: {', '.join(unknown)} "
                           f"(known: {', '.join(sorted(known))})")
     return cls(**d)
+
+
+def _subsection(cls, value: Any, name: str):
+    """A dataclass inside a section (``environment.arena``), given as itself or as a mapping of its fields;
+    its validation errors become one ``config: name: ...`` line."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"config: {name} must be a mapping of {cls.__name__} fields, got {value!r}")
+    try:
+        return _section_from_dict(cls, value, name)
+    except ConfigError as exc:
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith("config:") else f"config: {msg}" if msg.startswith(name)
+                          else f"config: {name}: {msg}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config: {name}: {exc}") from None
 
 
 # -- sections ----------------------------------------------------------------------------
@@ -221,6 +239,15 @@ class EnvironmentConfig:
     concentration, plume type, plume length and wind ranges are ArenaConfig
     fields (``concentration_range``, ``plumes``, ``plume_length_range_mm``,
     ``wind_speed_range``); all are off by default.
+
+    Task: ``task: approach`` (default) reaches the one source of the arena;
+    ``task: choice`` puts a target and a distractor source in the arena and
+    rewards reaching the target (:mod:`dmn_neuro.environment.choice`), with
+    ``choice`` a mapping of :class:`~dmn_neuro.environment.choice.ChoiceConfig`
+    fields (target odor, training and held-out distractors, geometry). Then
+    ``odors`` must stay empty (the encoder covers every odor) and
+    :attr:`train_odors` / :attr:`held_out_odors` are the target + training
+    distractors / the held-out distractors.
     """
 
     encoding: str = "poisson"
@@ -233,6 +260,8 @@ class EnvironmentConfig:
     crossed_motor: bool = True
     odors: Tuple[str, ...] = ()
     arena: ArenaConfig = field(default_factory=ArenaConfig)
+    task: str = "approach"
+    choice: Optional[ChoiceConfig] = None
 
     def __post_init__(self) -> None:
         s = "environment."
@@ -251,30 +280,41 @@ class EnvironmentConfig:
         if not isinstance(self.odors, (list, tuple)):
             raise ConfigError(f"config: environment.odors must be a list of odor names, got {self.odors!r}")
         self.odors = tuple(str(o) for o in self.odors)
-        if not isinstance(self.arena, ArenaConfig):
-            if not isinstance(self.arena, Mapping):
-                raise ConfigError(f"config: environment.arena must be a mapping of ArenaConfig fields, got {self.arena!r}")
-            try:
-                self.arena = _section_from_dict(ArenaConfig, self.arena, "environment.arena")
-            except ConfigError as exc:
-                msg = str(exc)
-                raise ConfigError(msg if msg.startswith("config:") else f"config: environment.arena: {msg}") from None
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"config: environment.arena: {exc}") from None
+        self.arena = _subsection(ArenaConfig, self.arena, "environment.arena")
         if self.arena.held_out_odors:
             try:  # the effective training set may come from ``odors``
                 self.arena_config()
             except ConfigError as exc:
                 raise ConfigError(f"config: environment: {exc}") from None
+        self._check_task()
+
+    def _check_task(self) -> None:
+        _check_choice(self, "environment.", "task", TASKS)
+        if self.task == "approach":
+            if self.choice is not None:
+                raise ConfigError("config: environment.choice is only used with environment.task: choice")
+            return
+        if self.odors:
+            raise ConfigError("config: environment.odors must be empty for task: choice (the encoder covers every "
+                              "odor; the target and distractors are declared in environment.choice)")
+        self.choice = _subsection(ChoiceConfig, {} if self.choice is None else self.choice, "environment.choice")
+        try:
+            self.choice.check_arena(self.arena)
+        except ConfigError as exc:
+            raise ConfigError(f"config: {exc}") from None
 
     @property
     def train_odors(self) -> Tuple[str, ...]:
-        """The odors training (and validation) episodes draw from."""
+        """The odors training (and validation) episodes draw from (choice: the target and the distractors)."""
+        if self.task == "choice":
+            return (self.choice.target_odor, *self.choice.distractors)
         return tuple(self.arena_config().odors)
 
     @property
     def held_out_odors(self) -> Tuple[str, ...]:
-        """Declared held-out odors (empty when none are declared)."""
+        """Declared held-out odors (choice: held-out distractors; empty when none are declared)."""
+        if self.task == "choice":
+            return tuple(self.choice.held_out_distractors)
         return tuple(self.arena.held_out_odors)
 
     def arena_config(self) -> ArenaConfig:

@@ -74,7 +74,12 @@ def build_components(config: TrainingConfig, circuit=None, device=None):
     # Default input gain: 3 ORN thresholds per 1000 Hz (see README, "Odor input").
     enc_kw["current_per_hz"] = env.current_per_hz or default_current_per_hz(circuit)
     encoder = OdorEncoder(circuit.orn_glomeruli, odors=list(env.odors) or None, **enc_kw).to(device)
-    arena = OdorArena(env.arena_config(), dt_ms=cc.dt_ms, encoder=encoder)
+    if env.task == "choice":
+        from dmn_neuro.environment.choice import ChoiceArena
+
+        arena = ChoiceArena(env.arena_config(), env.choice, dt_ms=cc.dt_ms, encoder=encoder)
+    else:
+        arena = OdorArena(env.arena_config(), dt_ms=cc.dt_ms, encoder=encoder)
     agent = NavigationAgent(circuit, encoder, arena, env.contralateral_fraction, env.crossed_motor)
     lc = config.loss
     loss_fn = CombinedLoss(
@@ -296,20 +301,27 @@ def evaluate_agent(agent: NavigationAgent, config: TrainingConfig, n_episodes: i
                    stepper=None) -> Dict[str, Any]:
     """Success and distances over ``n_episodes`` episodes of ``stream`` (chunks of
     ``batch_size``, each from its own seeded generator). ``stepper`` replaces the
-    circuit in the loop (e.g. the Loihi fixed-point emulator)."""
+    circuit in the loop (e.g. the Loihi fixed-point emulator). In the choice task
+    success is a correct choice, and ``choice`` holds the correct / wrong / none
+    rates (:func:`~dmn_neuro.environment.choice.choice_metrics`)."""
     from dmn_neuro.training.loss_functions import TrajectoryAnalyzer
 
     T = int(episode_length or config.episode_length_steps)
     analyzer = TrajectoryAnalyzer()
     radius = agent.arena.success_radius
-    finals, means, succ, sparsity, rollouts = [], [], [], [], []
+    finals, means, succ, sparsity, rollouts, codes = [], [], [], [], [], []
+    choices = getattr(agent.arena, "choices", None)  # the choice task: which source each episode ended at
     done, chunk = 0, 0
     agent.circuit.eval()
     while done < n_episodes:
         b = min(batch_size, n_episodes - done)
         g = episode_generator(seed, chunk, stream)
         with torch.no_grad():
-            ro = agent.rollout(b, T, g, device=device, odor_removed=odor_removed, stepper=stepper)
+            # the same draws as rollout's own reset; kept to read the distractor positions
+            env = agent.arena.reset(b, generator=g, device=device or next(agent.circuit.parameters()).device)
+            ro = agent.rollout(b, T, g, device=device, odor_removed=odor_removed, stepper=stepper, env_state=env)
+        if choices is not None:
+            codes.append(choices(ro.positions[-1], env))
         m = analyzer.compute_trajectory_metrics(ro.positions, ro.velocities, ro.source, success_radius_mm=radius,
                                                 dt_ms=config.circuit.dt_ms)
         finals.append(np.atleast_1d(np.asarray(m["final_distance_to_goal"], dtype=float)))
@@ -328,6 +340,10 @@ def evaluate_agent(agent: NavigationAgent, config: TrainingConfig, n_episodes: i
         "mean_distance_to_goal_mean": float(np.concatenate(means).mean()),
         "kc_sparsity": float(np.mean(sparsity)), "kc_sparsity_target": float(config.loss.kc_sparsity_target),
     }
+    if codes:
+        from dmn_neuro.environment.choice import choice_metrics
+
+        out["choice"] = choice_metrics(torch.cat(codes))  # correct_rate == success_rate
     if return_rollouts:
         out["rollouts"] = rollouts
     return out
