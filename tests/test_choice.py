@@ -48,7 +48,7 @@ def test_choice_yaml_declares_the_generalise_split():
     assert cfg.environment.task == "choice" and ch.target_odor == "isopentyl acetate"
     assert list(ch.distractors) == [o for o in split["train"] if o != "isopentyl acetate"]
     assert list(ch.held_out_distractors) == split["held_out"]
-    assert cfg.environment.adaptation_tau_ms == 500.0
+    assert cfg.environment.adaptation_tau_ms is None  # off: it cost the choice model 35 points (README)
     assert cfg.environment.held_out_odors == tuple(split["held_out"])
     assert TrainingConfig.from_dict(cfg.to_dict()) == cfg  # stored in checkpoints like everything else
 

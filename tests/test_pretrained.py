@@ -67,8 +67,8 @@ def test_shipped_choice_model_and_its_gradient():
 
 def test_shipped_choice_model_tells_the_target_from_a_held_out_distractor():
     """Identity, not position: with a held-out distractor unlike the target (E2-hexenal, similarity
-    0.04) the fly ends nearer the target than the distractor (chance 0.5; measured here 0.96 on
-    50 evaluation episodes, 1.00 on these 25)."""
+    0.04) the fly ends nearer the target than the distractor (chance 0.5; measured 0.96 on these
+    25 for the shipped model, trained without adaptation)."""
     from dmn_neuro.experiments.choice_gradient import with_distractor
 
     circuit, ck = load_circuit(CHOICE)
