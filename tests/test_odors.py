@@ -279,3 +279,13 @@ def test_adaptation_level_is_the_response_to_a_steady_odor(data):
         assert torch.allclose(enc.rates(i, torch.tensor([c])), plain.rates(i, torch.tensor([0.25])), rtol=1e-4)
     with pytest.raises(ValueError, match="adaptation_level"):
         OdorEncoder(["DM2"], data=data, adaptation_tau_ms=100.0, adaptation_level=-1.0)
+
+
+def test_adaptation_is_the_same_with_one_or_two_sources(data):
+    enc = OdorEncoder(["DM2", "DL5"], data=data, adaptation_tau_ms=100.0, adaptation_level=0.25)
+    i, j = enc.odor_index("isopentyl acetate"), enc.odor_index("1-hexanol")
+    c = torch.tensor([[0.5, 0.3]])
+    one = enc.rates(torch.tensor([i]), c, torch.tensor([0.4]))
+    two = enc.rates(torch.tensor([[i, j]]), torch.stack([c, torch.zeros_like(c)], dim=-1), torch.tensor([0.4]))
+    assert torch.allclose(one, two)  # a second source at zero adds nothing, with the same gain (level and L_a)
+    assert torch.allclose(enc.adaptation_step(None, c), enc.adaptation_step(None, torch.stack([c, 0 * c], -1)))

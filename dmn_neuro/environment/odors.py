@@ -485,14 +485,20 @@ class OdorEncoder(nn.Module):
         """True when the encoder adapts (``adaptation_tau_ms`` set)."""
         return self.adaptation_tau_ms is not None
 
+    @staticmethod
+    def _level_of(gain: torch.Tensor, sources: bool) -> torch.Tensor:
+        """The level an adapting encoder tracks, ``[B]``: ``f(c)`` summed over sources
+        (last axis when ``sources``), averaged over antennae (the axis after batch)."""
+        g = gain.sum(-1) if sources else gain
+        return g if g.dim() == 1 else g.mean(-1)
+
     def adaptation_step(self, level: Optional[torch.Tensor], concentration: torch.Tensor) -> Optional[torch.Tensor]:
         """Next adaptation level ``[B]`` after a step at ``concentration [B, k]`` (k antennae;
         ``[B, k, m]``: m sources, whose ``f(c)`` add);
         ``level=None`` starts adapted to this concentration. ``None`` if not adapting."""
         if not self.adapting:
             return None
-        now = self.concentration_gain(concentration)
-        now = (now.sum(-1) if now.dim() == 3 else now).mean(-1)  # [B, k, m]: m sources add
+        now = self._level_of(self.concentration_gain(concentration), sources=concentration.dim() == 3)
         if level is None:
             return now
         d = math.exp(-self.dt_ms / self.adaptation_tau_ms)
@@ -524,30 +530,21 @@ class OdorEncoder(nn.Module):
                 or tuple(concentration.shape[concentration.dim() - len(m):]) != tuple(m):
             raise ValueError(f"concentration must be [B] or [B, k] (+ [m] sources) with B={odor_index.shape[0]}"
                              f"{', m=' + str(m[0]) if m else ''}, got {tuple(concentration.shape)}")
-        if m:  # sources add: spontaneous + sum_m f(c_m) response_m
-            gain = self.concentration_gain(concentration.float() if not concentration.is_floating_point() else concentration)
-            resp = self.response.to(device=gain.device, dtype=gain.dtype)[odor_index.to(gain.device)]  # [B, m, n]
-            if self.adapting:
-                lev = gain.sum(-1) if gain.dim() == 2 else gain.sum(-1).mean(-1)
-                lev = torch.as_tensor(lev if level is None else level, device=gain.device, dtype=gain.dtype)
-                if lev.shape != gain.shape[:1]:
-                    raise ValueError(f"level must be [B={gain.shape[0]}], got {tuple(lev.shape)}")
-                gain = gain / (lev + self.adaptation_floor).view(-1, *([1] * (gain.dim() - 1)))
-            drive = torch.einsum("bm,bmn->bn" if gain.dim() == 2 else "bkm,bmn->bkn", gain, resp)
-            return torch.clamp(self.spontaneous.to(device=gain.device, dtype=gain.dtype) + drive, min=0.0)
         dtype = concentration.dtype if concentration.is_floating_point() else torch.float32
         resp = self.response.to(device=concentration.device, dtype=dtype)[odor_index.to(concentration.device)]
         spont = self.spontaneous.to(device=concentration.device, dtype=dtype)
         gain = self.concentration_gain(concentration.to(dtype))
         if self.adapting:
             if level is None:
-                level = gain if gain.dim() == 1 else gain.mean(-1)
+                level = self._level_of(gain, sources=bool(m))
             level = torch.as_tensor(level, device=gain.device, dtype=dtype)
             if level.shape != gain.shape[:1]:
                 raise ValueError(f"level must be [B={gain.shape[0]}], got {tuple(level.shape)}")
             scale = self.adaptation_level / (level + self.adaptation_floor)
-            gain = gain * (scale if gain.dim() == 1 else scale[:, None])
-        if concentration.dim() == 1:
+            gain = gain * scale.view(-1, *([1] * (gain.dim() - 1)))
+        if m:  # sources add: spontaneous + sum_m f(c_m) response_m  (resp [B, m, n])
+            out = spont + torch.einsum("bm,bmn->bn" if gain.dim() == 2 else "bkm,bmn->bkn", gain, resp)
+        elif concentration.dim() == 1:
             out = spont + gain[:, None] * resp
         else:
             out = spont + gain[:, :, None] * resp[:, None, :]
