@@ -118,3 +118,30 @@ def choice_gradient(result: Dict[str, Any], path: os.PathLike) -> Path:
                       fontsize=9)
     axes[1].set_title("generalisation gradient (dotted: chance among chosen)", fontsize=9)
     return _save(fig, Path(path))
+
+
+def condition_table(table: Dict[str, Any], path: os.PathLike, title: str = "") -> Path:
+    """One bar per condition (success at the end of the episode) with a tick for "reached"
+    (within the radius at any time); dashed 70 %, dotted 80 % (``table`` from
+    :func:`dmn_neuro.experiments.conditions.condition_table`)."""
+    plt = _plt()
+    rows = table["rows"]
+    fig, ax = plt.subplots(figsize=(7, 0.28 * len(rows) + 1.2))
+    colours = {"training": "C0", "held-out odor": "C1", "concentration": "C2", "plume": "C3", "wind": "C4",
+               "control": "0.5"}
+    y = np.arange(len(rows))[::-1]
+    ax.barh(y, [r["success_rate"] for r in rows], color=[colours.get(r["group"], "C5") for r in rows],
+            label="success (at the source at the end)")
+    ax.scatter([r.get("reached_rate", np.nan) for r in rows], y, marker="|", s=60, color="k",
+               label="reached (within the radius at any time)")
+    ax.legend(loc="lower right", fontsize=7)
+    ax.set_yticks(y)
+    ax.set_yticklabels([r["condition"] for r in rows], fontsize=7)
+    ax.axvline(0.7, color="k", lw=0.6, ls="--")
+    ax.axvline(0.8, color="k", lw=0.6, ls=":")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"success ({table['episodes_per_condition']} held-out episodes each)")
+    ck = Path(str(table["checkpoint"]))
+    ax.set_title(title or (f"{ck.parent.parent.name}/{ck.name}" if ck.parent.name == "checkpoints" else ck.name),
+                 fontsize=9)
+    return _save(fig, Path(path))

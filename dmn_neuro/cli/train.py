@@ -221,7 +221,10 @@ def evaluate(checkpoint, episodes, seed, steps, odors, concentration, plume, plu
             raise click.UsageError(f"--table evaluates the standard conditions; it cannot be combined with {given[0]}")
         from dmn_neuro.experiments.conditions import condition_table, markdown, write_condition_table
 
-        result = condition_table(checkpoint, episodes, seed, device=device, progress=not as_json)
+        from tqdm import tqdm
+
+        with tqdm(desc="conditions", unit="condition", file=sys.stderr, disable=as_json) as bar:
+            result = condition_table(checkpoint, episodes, seed, device=device, progress=lambda row: bar.update())
         out = Path(out_dir) if out_dir else Path.cwd() / "evaluation" / f"{checkpoint_name(checkpoint)}_table"
         write_condition_table(result, out)
         click.echo(json.dumps(result) if as_json else markdown(result))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -85,8 +85,9 @@ def standard_conditions(held_out_odors) -> List[Tuple[str, str, Dict[str, Any]]]
 
 
 def condition_table(checkpoint: os.PathLike, episodes: int = 50, seed: int = 12345, device: str = "cpu",
-                    progress: bool = True, stepper_factory=None) -> Dict[str, Any]:
-    """Success and final distance of ``checkpoint`` under every standard condition."""
+                    progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """Success and final distance of ``checkpoint`` under every standard condition;
+    ``progress(row)`` is called after each condition."""
     import torch
 
     from dmn_neuro.experiments.evaluation import locomotion_metrics
@@ -104,13 +105,7 @@ def condition_table(checkpoint: os.PathLike, episodes: int = 50, seed: int = 123
                           f"{cfg.environment.task!r} (use --choice-gradient)")
     held = list(cfg.environment.held_out_odors)
     rows = []
-    conditions = standard_conditions(held)
-    try:
-        from tqdm.auto import tqdm
-        bar = tqdm(conditions, desc="conditions", unit="condition", disable=not progress)
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        bar = conditions
-    for name, group, kw in bar:
+    for name, group, kw in standard_conditions(held):
         kw = dict(kw)
         removed = kw.pop("odor_removed", False)
         untrained = kw.pop("untrained", False)
@@ -126,6 +121,8 @@ def condition_table(checkpoint: os.PathLike, episodes: int = 50, seed: int = 123
                      "reached_rate": loco["reached_goal_fraction"], "mean_speed_mm_s": loco["mean_speed_mm_s"],
                      "final_distance_mm": res["final_distance_to_goal_mean"], "kc_sparsity": res["kc_sparsity"],
                      "n_episodes": res["n_episodes"], "conditions": {**arena.config.conditions(), "odor_removed": removed}})
+        if progress is not None:
+            progress(rows[-1])
     return {"checkpoint": str(checkpoint), "episodes_per_condition": int(episodes), "seed": int(seed),
             "train_odors": list(cfg.environment.train_odors), "held_out_odors": held, "rows": rows,
             "acceptance": acceptance(rows)}
@@ -179,27 +176,7 @@ def write_condition_table(table: Dict[str, Any], out_dir: os.PathLike, title: Op
     out.mkdir(parents=True, exist_ok=True)
     plots.write_json(out / "conditions.json", table)
     write_text(out / "conditions.md", markdown(table))
-    plt = plots._plt()
-    rows = table["rows"]
-    fig, ax = plt.subplots(figsize=(7, 0.28 * len(rows) + 1.2))
-    colours = {"training": "C0", "held-out odor": "C1", "concentration": "C2", "plume": "C3", "wind": "C4",
-               "control": "0.5"}
-    y = np.arange(len(rows))[::-1]
-    ax.barh(y, [r["success_rate"] for r in rows], color=[colours.get(r["group"], "C5") for r in rows],
-            label="success (at the source at the end)")
-    ax.scatter([r.get("reached_rate", np.nan) for r in rows], y, marker="|", s=60, color="k",
-               label="reached (within the radius at any time)")
-    ax.legend(loc="lower right", fontsize=7)
-    ax.set_yticks(y)
-    ax.set_yticklabels([r["condition"] for r in rows], fontsize=7)
-    ax.axvline(0.7, color="k", lw=0.6, ls="--")
-    ax.axvline(0.8, color="k", lw=0.6, ls=":")
-    ax.set_xlim(0, 1)
-    ax.set_xlabel(f"success ({table['episodes_per_condition']} held-out episodes each)")
-    ck = Path(str(table["checkpoint"]).split(" (")[0])
-    ax.set_title(title or (f"{ck.parent.parent.name}/{ck.name}" if ck.parent.name == "checkpoints" else ck.name),
-                 fontsize=9)
-    plots._save(fig, out / "conditions.png")
+    plots.condition_table(table, out / "conditions.png", title=title)
     return out
 
 
