@@ -41,27 +41,28 @@ $(NETX_VENV)/.stamp:
 	touch $@
 netx-env: $(NETX_VENV)/.stamp
 
+# A Python 3.11 env $(1) with the packages $(2); the constraints file keeps torch at
+# the local CPU build (any other torch spec, also one pulled in by a package, brings CUDA).
+define pinned_venv
+	test -x $(1)/bin/python || $(PY311) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	echo "$(TORCH_SPEC)" > $(1)/constraints.txt
+	$(1)/bin/python -m pip install -q -c $(1)/constraints.txt $(TORCH_SPEC)
+	$(1)/bin/python -m pip install -q -c $(1)/constraints.txt $(2)
+	touch $(1)/.stamp
+endef
+
 # Optional: Ray for `experiment run --ray-address` (dmn-neuro[cluster]). Not part of make test.
-# The constraints file keeps torch at the local CPU build (any other spec pulls CUDA).
+CLUSTER_PKGS := -e '.[dev,cluster]'
 $(CLUSTER_VENV)/.stamp: pyproject.toml
-	test -x $(CLUSTER_VENV)/bin/python || $(PY311) -m venv $(CLUSTER_VENV)
-	$(CLUSTER_VENV)/bin/python -m pip install -q --upgrade pip
-	echo "$(TORCH_SPEC)" > $(CLUSTER_VENV)/constraints.txt
-	$(CLUSTER_VENV)/bin/python -m pip install -q -c $(CLUSTER_VENV)/constraints.txt $(TORCH_SPEC)
-	$(CLUSTER_VENV)/bin/python -m pip install -q -c $(CLUSTER_VENV)/constraints.txt -e '.[dev,cluster]'
-	touch $@
+	$(call pinned_venv,$(CLUSTER_VENV),$(CLUSTER_PKGS))
 cluster-env: $(CLUSTER_VENV)/.stamp
 
 # Optional: the peer SNN libraries for `make bench-peers` (Norse, SpikingJelly). Not part of make test.
-# The constraints file keeps torch at the local CPU build: `pip install norse` otherwise pulls
-# a CUDA torch (multi-GB) through torchvision.
+# (`pip install norse` alone pulls a CUDA torch through torchvision.)
+PEERS_PKGS := -e '.[dev]' norse spikingjelly
 $(PEERS_VENV)/.stamp: pyproject.toml
-	test -x $(PEERS_VENV)/bin/python || $(PY311) -m venv $(PEERS_VENV)
-	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
-	echo "$(TORCH_SPEC)" > $(PEERS_VENV)/constraints.txt
-	$(PEERS_VENV)/bin/python -m pip install -q -c $(PEERS_VENV)/constraints.txt $(TORCH_SPEC)
-	$(PEERS_VENV)/bin/python -m pip install -q -c $(PEERS_VENV)/constraints.txt -e '.[dev]' norse spikingjelly
-	touch $@
+	$(call pinned_venv,$(PEERS_VENV),$(PEERS_PKGS))
 peers-env: $(PEERS_VENV)/.stamp
 
 demo: venv lava-env
