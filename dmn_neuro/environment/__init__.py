@@ -15,6 +15,7 @@ _EXPORTS = {
     "EnvState": "dmn_neuro.environment.arena",
     "NavigationAgent": "dmn_neuro.environment.agent",
     "Rollout": "dmn_neuro.environment.agent",
+    "MotorTable": "dmn_neuro.environment.motor",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -118,7 +118,7 @@ class NavigationAgent(nn.Module):
         self, batch_size: int, steps: int, generator: torch.Generator, *,
         device: Optional[torch.device] = None, odor_removed: bool = False,
         record: Sequence[str] = ("KC", "MBON", "DN"), tbptt_window: Optional[int] = None,
-        env_state=None, stepper=None, closed_loop: Optional[str] = None,
+        env_state=None, stepper=None, closed_loop: Optional[str] = None, until=None,
     ) -> Rollout:
         """Run ``steps`` closed-loop steps for ``batch_size`` episodes.
 
@@ -128,6 +128,9 @@ class NavigationAgent(nn.Module):
         ``closed_loop`` (default ``self.closed_loop``): ``"blocked"``,
         ``"stepped"`` or ``"auto"`` (:data:`CLOSED_LOOPS`); both give the same
         spikes and trajectories, the blocked loop several times faster.
+        ``until``: optional ``until(env_state) -> bool`` checked after each step
+        of the stepped loop; the rollout ends early (fewer steps) when it holds
+        (the embodied runs stop at the source).
         """
         mode = self.closed_loop if closed_loop is None else closed_loop
         if mode not in CLOSED_LOOPS:
@@ -136,7 +139,7 @@ class NavigationAgent(nn.Module):
         env = env_state if env_state is not None else self.arena.reset(batch_size, generator=generator, device=device)
         start = env.pos
         runner = None
-        if mode != "stepped" and stepper is None and not tbptt_window and steps > 0 and (
+        if mode != "stepped" and until is None and stepper is None and not tbptt_window and steps > 0 and (
                 mode == "blocked" or getattr(self.circuit, "engine", None) == "fused"):
             build = getattr(self.circuit, "closed_loop_runner", None)
             runner = build(2 * batch_size, steps, like=env.pos) if build is not None else None
@@ -176,6 +179,8 @@ class NavigationAgent(nn.Module):
             concs.append(conc)
             for n in record:
                 rec[n].append(spk[n])
+            if until is not None and until(env):
+                break
         return Rollout(
             positions=torch.stack(positions), velocities=torch.stack(velocities),
             activations={n: torch.stack(v) for n, v in rec.items()}, source=env.source, start=start,

@@ -36,6 +36,8 @@ Model (all lengths in mm, times in s unless named ``_ms``; positions are 3-D wit
   positive ``omega`` is counter-clockwise, i.e. a **left** turn: more left-DN
   activity turns the fly to its left (ipsilateral turning, as the DNa02
   left/right asymmetry does in flies).  No DN activity -> the fly stands still.
+  With ``motor_table`` (a body calibration, :mod:`dmn_neuro.environment.motor`)
+  speed and omega come from the NeuroMechFly body's measured table instead.
   Heading (rad, counter-clockwise from +x) is integrated first, then the
   position with the new heading; the heading is not wrapped.
 * **Walls.** ``x, y`` are clamped to ``[0, arena_size]``.
@@ -69,6 +71,7 @@ import torch
 
 from connectome.errors import ConfigError
 
+from dmn_neuro.environment.motor import MotorTable
 from dmn_neuro.simulation.semantics import DEFAULT_DT_MS
 
 PLUMES = ("gaussian", "inverse_square", "exponential")
@@ -125,6 +128,7 @@ class ArenaConfig:
     plumes: Tuple[str, ...] = ()
     plume_length_range_mm: Optional[Tuple[float, float]] = None
     wind_speed_range: Optional[Tuple[float, float]] = None
+    motor_table: Optional[dict] = None
 
     def __post_init__(self) -> None:
         self.arena_size_mm = _tuple(self.arena_size_mm, 2, "arena_size_mm")
@@ -175,6 +179,8 @@ class ArenaConfig:
             setattr(self, name, v)
         if self.antenna_lateral_mm == 0:
             raise ConfigError("ArenaConfig.antenna_lateral_mm must be > 0 (the two antennae must differ)")
+        if self.motor_table is not None:
+            self.motor_table = MotorTable.from_dict(self.motor_table).to_dict()
         if self.success_radius_mm is not None:
             r = float(self.success_radius_mm)
             if not (math.isfinite(r) and r > 0):
@@ -312,6 +318,7 @@ class OdorArena:
         self.dt_ms = float(dt_ms)
         self.dt_s = self.dt_ms * 1e-3
         self.motor_decay = math.exp(-self.dt_ms / self.config.motor_tau_ms)
+        self.motor_table = None if self.config.motor_table is None else MotorTable.from_dict(self.config.motor_table)
         if encoder is not None:
             self.odor_indices = [encoder.odor_index(n) for n in self.config.odors]
         else:
@@ -503,16 +510,33 @@ class OdorArena:
             ``(new_state, velocity)``; ``velocity [B, 3]`` (mm/s) is the commanded
             velocity of this step (before the wall clamp).
         """
-        cfg = self.config
         if dn_left.shape != dn_right.shape or dn_left.dim() != 2 or dn_left.shape[0] != state.pos.shape[0]:
             raise ValueError(
                 f"dn_left/dn_right must both be [B={state.pos.shape[0]}, n_dn], "
                 f"got {tuple(dn_left.shape)} and {tuple(dn_right.shape)}"
             )
-        drive = torch.stack([dn_left.mean(-1), dn_right.mean(-1)], dim=-1).to(state.motor.dtype) / self.dt_s
-        motor = self.motor_decay * state.motor + (1.0 - self.motor_decay) * drive
+        motor = self.motor_update(state.motor, dn_left, dn_right)
+        speed, omega = self.kinematics(motor)
+        return self.move(state._replace(motor=motor), speed, omega)
+
+    def motor_update(self, motor: torch.Tensor, dn_left: torch.Tensor, dn_right: torch.Tensor) -> torch.Tensor:
+        """The filtered DN rate ``[B, 2]`` (Hz) after this step's spikes."""
+        drive = torch.stack([dn_left.mean(-1), dn_right.mean(-1)], dim=-1).to(motor.dtype) / self.dt_s
+        return self.motor_decay * motor + (1.0 - self.motor_decay) * drive
+
+    def kinematics(self, motor: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(speed [B] mm/s, omega [B] rad/s)`` for the filtered DN rates: the ``tanh``
+        model, or the body calibration's table (:mod:`dmn_neuro.environment.motor`)."""
+        cfg = self.config
+        if self.motor_table is not None:
+            return self.motor_table.kinematics(self.motor_table.drive(motor, cfg.speed_gain))
         speed = cfg.v_max_mm_s * torch.tanh(cfg.speed_gain * motor.mean(-1))
         omega = cfg.omega_max_rad_s * torch.tanh(cfg.turn_gain * (motor[:, 0] - motor[:, 1]))
+        return speed, omega
+
+    def move(self, state: EnvState, speed: torch.Tensor, omega: torch.Tensor) -> Tuple[EnvState, torch.Tensor]:
+        """Turn, then walk with the new heading for one step; clamp to the walls."""
+        cfg = self.config
         heading = state.heading + omega * self.dt_s
         velocity = torch.stack(
             [speed * torch.cos(heading), speed * torch.sin(heading), torch.zeros_like(speed)], dim=-1
@@ -520,10 +544,7 @@ class OdorArena:
         moved = state.pos + velocity * self.dt_s
         w, h = cfg.arena_size_mm
         pos = torch.stack([moved[:, 0].clamp(0.0, w), moved[:, 1].clamp(0.0, h), state.pos[:, 2]], dim=-1)
-        new_state = EnvState(
-            pos=pos, heading=heading, motor=motor, source=state.source, odor=state.odor,
-            start_pos=state.start_pos, step=state.step + 1, conditions=state.conditions,
-        )
+        new_state = state._replace(pos=pos, heading=heading, step=state.step + 1)
         return new_state, velocity
 
     def rollout_kinematics(
