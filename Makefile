@@ -7,11 +7,12 @@ LAVA_VENV := .venv-lava
 NETX_VENV := .venv-netx
 CLUSTER_VENV := .venv-cluster
 PEERS_VENV := .venv-peers
+EMBODY_VENV := .venv-embody
 PY := $(VENV)/bin/python
 TORCH_SPEC := torch==2.13.0
 LAVA_SPEC := lava-nc==0.10.0
 
-.PHONY: all venv lava-env netx-env cluster-env demo test test-fast test-netx test-cluster test-peers peers-env bench bench-peers bench-train clean
+.PHONY: all venv lava-env netx-env cluster-env demo test test-fast test-netx test-cluster test-peers peers-env bench bench-peers bench-train embody-env test-embodied demo-embodied clean
 
 all: venv lava-env
 
@@ -65,6 +66,13 @@ $(PEERS_VENV)/.stamp: pyproject.toml
 	$(call pinned_venv,$(PEERS_VENV),$(PEERS_PKGS))
 peers-env: $(PEERS_VENV)/.stamp
 
+# Optional: the NeuroMechFly body (flygym-gymnasium 1.3.2, MuJoCo) for `dmn-neuro embody`
+# (dmn-neuro[embody]). Not part of make test / make demo.
+EMBODY_PKGS := -e '.[dev,embody]'
+$(EMBODY_VENV)/.stamp: pyproject.toml
+	$(call pinned_venv,$(EMBODY_VENV),$(EMBODY_PKGS))
+embody-env: $(EMBODY_VENV)/.stamp
+
 demo: venv lava-env
 	$(PY) examples/demo.py --out demo_out
 
@@ -77,6 +85,15 @@ test-netx: venv netx-env
 # Starts a local Ray instance and runs a tiny experiment grid through it.
 test-cluster: cluster-env
 	$(CLUSTER_VENV)/bin/pytest -q -m cluster tests/test_experiment_cluster.py
+
+# One short episode in the body end to end, and the odor-side -> turn wiring (tests/test_embodied.py).
+test-embodied: embody-env
+	MUJOCO_GL=egl $(EMBODY_VENV)/bin/pytest -q -m embodied tests/test_embodied.py
+
+# The shipped body navigator in the body: 4 held-out episodes with odor, a video of one.
+demo-embodied: embody-env
+	MUJOCO_GL=egl $(EMBODY_VENV)/bin/dmn-neuro --threads 1 embody examples/pretrained/flywire_mb_navigator_body \
+		--calibration examples/embodied/body_calibration.json --episodes 4 --video --out demo_embodied_out
 
 bench: venv
 	$(PY) benchmarks/bptt.py
@@ -93,4 +110,4 @@ bench-train: venv
 	$(PY) benchmarks/train.py --json
 
 clean:
-	rm -rf $(VENV) $(LAVA_VENV) $(NETX_VENV) $(CLUSTER_VENV) $(PEERS_VENV) demo_out
+	rm -rf $(VENV) $(LAVA_VENV) $(NETX_VENV) $(CLUSTER_VENV) $(PEERS_VENV) $(EMBODY_VENV) demo_out demo_embodied_out

@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("connectome", "dmn_neuro", "exporters")
 #: dmn_neuro's subpackages in pipeline order: a module may import only its own layer or earlier ones.
-LAYERS = ("simulation", "environment", "training", "analysis", "experiments", "cli")
+LAYERS = ("simulation", "environment", "training", "analysis", "experiments", "embodiment", "cli")
 #: Modules below every layer (importable from anywhere in dmn_neuro and exporters).
 BASE = ("dmn_neuro", "dmn_neuro.errors")
 #: What exporters may import from dmn_neuro.
@@ -134,7 +134,8 @@ def test_no_module_exceeds_the_line_limit():
 
 
 STAGE_PACKAGES = ("connectome", "exporters", "dmn_neuro.simulation", "dmn_neuro.simulation.engine",
-                  "dmn_neuro.environment", "dmn_neuro.training", "dmn_neuro.analysis", "dmn_neuro.experiments")
+                  "dmn_neuro.environment", "dmn_neuro.training", "dmn_neuro.analysis", "dmn_neuro.experiments",
+                  "dmn_neuro.embodiment")
 
 
 @pytest.mark.parametrize("package", STAGE_PACKAGES)

@@ -129,6 +129,9 @@ def _register() -> None:
     from dmn_neuro.cli.experiment import experiment
 
     cli.add_command(experiment)
+    from dmn_neuro.cli.embody import embody
+
+    cli.add_command(embody)
 
 
 _register()
