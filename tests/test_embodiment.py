@@ -68,14 +68,14 @@ def test_table_gradient_matches_finite_differences():
         lo = sum(x.sum() * w for x, w in zip(t.kinematics(d.detach() - e), (1, 2)))
         assert g[0, k].item() == pytest.approx(((hi - lo) / (2 * eps)).item(), rel=1e-6)
     motor = torch.tensor([[10.0, 40.0]], requires_grad=True)
-    (gm,) = torch.autograd.grad(t.kinematics(t.drive(motor, 0.05))[0].sum(), motor)
+    (gm,) = torch.autograd.grad(t.kinematics(t.drive(motor, 0.05, 0.2))[0].sum(), motor)
     assert torch.isfinite(gm).all() and (gm > 0).all()  # more DN activity on either side = faster
 
 
 @pytest.mark.parametrize("bad, what", [
     ({**TABLE, "drives": [0.0, 0.5, 0.5]}, "increasing"),
     ({**TABLE, "speed_mm_s": SPEED[:2]}, "3x3"),
-    ({**TABLE, "speed_mm_s": [[-1.0, 0, 0], [0, 0, 0], [0, 0, 0]]}, ">= 0"),
+    ({**TABLE, "drives": [0.1, 0.5, 1.0]}, "from <= 0"),
     ({**TABLE, "omega_rad_s": [[float("nan")] * 3] * 3}, "finite"),
     ({"drives": DRIVES, "speed_mm_s": SPEED}, "omega_rad_s"),
     ([1, 2, 3], "mapping"),
@@ -95,6 +95,15 @@ def test_symmetrised_table_is_mirror_symmetric():
 
 
 # ---------------------------------------------------- arena with the table
+def test_negative_drives_let_one_side_step_backwards():
+    """With a grid from -0.5, a large left-right difference drives one side below 0."""
+    t = MotorTable.from_dict({"drives": [-0.5] + DRIVES[1:], "speed_mm_s": SPEED, "omega_rad_s": OMEGA})
+    d = t.drive(torch.tensor([[0.0, 20.0], [30.0, 30.0]]), 0.05, 0.2)
+    # common = tanh(0.5) = 0.46, diff = -1.5 tanh(4): left 0.46 - 0.75 < 0, right clamped to 1.0
+    assert -0.5 <= d[0, 0].item() < -0.2 and d[0, 1].item() == 1.0
+    assert d[1, 0].item() == d[1, 1].item() > 0  # no difference: both sides alike
+
+
 def test_arena_walks_by_the_table():
     arena = OdorArena(ArenaConfig(motor_table=TABLE, motor_tau_ms=1e-6), dt_ms=4.0)
     st = arena.reset(2, generator=torch.Generator().manual_seed(0))
@@ -103,7 +112,7 @@ def test_arena_walks_by_the_table():
     right = torch.zeros(2, 16)
     left[0, :8], right[0, :] = 1, 1
     new, vel = arena.step(st, left, right)
-    drive = 1.0 * torch.tanh(arena.config.speed_gain * new.motor)
+    drive = MotorTable.from_dict(TABLE).drive(new.motor, arena.config.speed_gain, arena.config.turn_gain)
     speed, omega = MotorTable.from_dict(TABLE).kinematics(drive)
     assert torch.allclose(vel[:, :2].norm(dim=-1), speed, atol=1e-5)
     assert torch.allclose(new.heading - st.heading, omega * 0.004, atol=1e-6)

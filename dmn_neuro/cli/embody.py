@@ -41,8 +41,8 @@ def _bar(desc, unit):
 
 @embody.command("calibrate")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Calibration JSON to write.")
-@click.option("--drives", default=",".join(str(d) for d in (0.0, 0.3, 0.6, 0.9, 1.2)), show_default=True,
-              help="Comma-separated drive grid per side (increasing, >= 0).")
+@click.option("--drives", default=",".join(str(d) for d in (-0.4, 0.0, 0.3, 0.6, 0.9, 1.2)), show_default=True,
+              help="Comma-separated drive grid per side (increasing, from <= 0 to > 0; < 0 steps backwards).")
 @click.option("--settle", "settle_s", type=click.FloatRange(min=0), default=0.3, show_default=True,
               help="Seconds walked before measuring each drive pair.")
 @click.option("--measure", "measure_s", type=click.FloatRange(min=0.01), default=0.5, show_default=True,

@@ -69,7 +69,7 @@ def make_body(source_xyz=None, diffuse_func=None, spawn_xy=(0.0, 0.0), heading=0
         arena = FlatTerrain()
     else:
         arena = FlyOdorArena(odor_source=np.asarray([source_xyz], dtype=float), peak_odor_intensity=np.array([[1.0]]),
-                             diffuse_func=diffuse_func, marker_size=0.15)
+                             diffuse_func=diffuse_func, marker_size=0.3)
     fly = fg.Fly(spawn_pos=(float(spawn_xy[0]), float(spawn_xy[1]), 0.2), spawn_orientation=(0.0, 0.0, float(heading)),
                  contact_sensor_placements=_CONTACT, enable_olfaction=True, enable_adhesion=True,
                  draw_adhesion=False)
@@ -188,7 +188,7 @@ class BodyArena:
         import time
 
         motor = self.arena.motor_update(state.motor, dn_left.detach(), dn_right.detach())
-        action = self.motor.drive(motor, self.config.speed_gain)[0].double().numpy().copy()
+        action = self.motor.drive(motor, self.config.speed_gain, self.config.turn_gain)[0].double().numpy().copy()
         t0 = time.perf_counter()
         for _ in range(self.substeps):
             self._obs, *_ = self.sim.step(action)

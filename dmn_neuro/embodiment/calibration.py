@@ -30,7 +30,7 @@ import numpy as np
 from dmn_neuro.errors import DMNError
 
 FORMAT = "dmn-neuro-body-calibration"
-DEFAULT_DRIVES = (0.0, 0.3, 0.6, 0.9, 1.2)
+DEFAULT_DRIVES = (-0.4, 0.0, 0.3, 0.6, 0.9, 1.2)
 #: drive sequences for the arena-vs-body figure: (name, [(seconds, d_left, d_right), ...])
 TEST_SEQUENCES = (
     ("straight", [(1.0, 1.0, 1.0)]),
@@ -93,6 +93,8 @@ def calibrate(drives: Sequence[float] = DEFAULT_DRIVES, settle_s: float = 0.3, m
         raise DMNError(f"settle_s must be >= 0 and measure_s > 0, got {settle_s}, {measure_s}")
     jobs = [(dl, dr, settle_s, measure_s) for dl in drives for dr in drives]
     results: List[dict] = []
+    if progress:
+        progress(0, len(jobs))
     with ProcessPoolExecutor(max_workers=max(1, int(workers))) as pool:
         for r in pool.map(_measure_pair, jobs):
             results.append(r)
@@ -103,7 +105,7 @@ def calibrate(drives: Sequence[float] = DEFAULT_DRIVES, settle_s: float = 0.3, m
     omega = [[0.0] * n for _ in range(n)]
     for r in results:
         i, j = drives.index(r["d_left"]), drives.index(r["d_right"])
-        speed[i][j] = max(0.0, r["speed_mm_s"])
+        speed[i][j] = r["speed_mm_s"]
         omega[i][j] = r["omega_rad_s"]
     measured = {"drives": drives, "speed_mm_s": speed, "omega_rad_s": omega}
     sens = np.mean([r["sensors"] for r in results if r["sensors"] is not None], axis=0)  # [4, 3]
@@ -209,22 +211,27 @@ def plot_calibration(calibration: Dict, comparison: Dict, path) -> None:
                                  (axes[1], "omega_rad_s", "turning rate (rad/s, + = left)", "coolwarm")):
         v = np.array(tab[key])
         lim = np.abs(v).max() or 1.0
-        im = ax.imshow(v, origin="lower", cmap=cmap, vmin=(-lim if key == "omega_rad_s" else 0), vmax=lim,
-                       extent=[d[0], d[-1], d[0], d[-1]], aspect="auto")
+        im = ax.imshow(v, origin="lower", cmap=cmap, vmin=(-lim if key == "omega_rad_s" else 0), vmax=lim)
+        for i in range(len(d)):
+            for j in range(len(d)):
+                ax.text(j, i, f"{v[i, j]:.1f}", ha="center", va="center", fontsize=6)
+        ax.set_xticks(range(len(d)), [f"{x:g}" for x in d])
+        ax.set_yticks(range(len(d)), [f"{x:g}" for x in d])
         ax.set_xlabel("right drive")
         ax.set_ylabel("left drive")
-        ax.set_title(f"body: {title}")
+        ax.set_title(f"body: {title}", fontsize=9)
         fig.colorbar(im, ax=ax)
     ax = axes[2]
     for k, (name, c) in enumerate(comparison.items()):
         b, a = np.array(c["body"]), np.array(c["arena"])
+        gap = float(np.hypot(b[-1, 1] - a[-1, 1], b[-1, 2] - a[-1, 2]))
         ax.plot(b[:, 1] - b[0, 1], b[:, 2] - b[0, 2], "-", color=f"C{k}", label=f"{name}: body")
-        ax.plot(a[:, 1] - a[0, 1], a[:, 2] - a[0, 2], "--", color=f"C{k}", label=f"{name}: arena")
+        ax.plot(a[:, 1] - a[0, 1], a[:, 2] - a[0, 2], "--", color=f"C{k}", label=f"{name}: arena (end {gap:.1f} mm apart)")
     ax.set_aspect("equal")
     ax.set_xlabel("x (mm)")
     ax.set_ylabel("y (mm)")
-    ax.set_title("same drives: body (solid) vs calibrated arena (dashed)")
-    ax.legend(fontsize=7)
+    ax.set_title("same drives: body (solid) vs calibrated arena (dashed)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2)
     _save(fig, Path(path))
 
 

@@ -139,6 +139,8 @@ def embody(checkpoint, calibration_path, episodes: int, out_dir, seed: int = EMB
     jobs = [(str(checkpoint), calibration, i, seed, steps, odor_removed, sensors, None) for i in range(episodes)]
     eps: List[Dict] = []
     t0 = time.perf_counter()
+    if progress:
+        progress(0, len(jobs))
     with ProcessPoolExecutor(max_workers=max(1, int(workers))) as pool:
         for r in pool.map(run_episode, jobs):
             eps.append(r)

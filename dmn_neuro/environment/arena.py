@@ -529,7 +529,7 @@ class OdorArena:
         model, or the body calibration's table (:mod:`dmn_neuro.environment.motor`)."""
         cfg = self.config
         if self.motor_table is not None:
-            return self.motor_table.kinematics(self.motor_table.drive(motor, cfg.speed_gain))
+            return self.motor_table.kinematics(self.motor_table.drive(motor, cfg.speed_gain, cfg.turn_gain))
         speed = cfg.v_max_mm_s * torch.tanh(cfg.speed_gain * motor.mean(-1))
         omega = cfg.omega_max_rad_s * torch.tanh(cfg.turn_gain * (motor[:, 0] - motor[:, 1]))
         return speed, omega
