@@ -19,8 +19,9 @@ from dmn_neuro.training.config import (
 from _helpers import REPO
 
 CONFIGS = sorted((REPO / "examples" / "configs").glob("*.yaml"))
-#: The shipped navigators, saved with the flat config (the choice model, newer, has the nested one).
-PRETRAINED = sorted((REPO / "examples" / "pretrained").glob("flywire_mb_navigator*/checkpoint.json"))
+#: The shipped navigators saved with the flat config (the choice and body models, newer, have the nested one).
+PRETRAINED = [REPO / "examples" / "pretrained" / name / "checkpoint.json"
+              for name in ("flywire_mb_navigator", "flywire_mb_navigator_loihi")]
 
 #: A complete config in the flat format checkpoints were written in before the sections.
 FLAT = {

@@ -25,7 +25,7 @@ from dmn_neuro.errors import DMNError
 from dmn_neuro.training.checkpoint import load_circuit
 from dmn_neuro.training.config import TrainingConfig
 from dmn_neuro.training.optimizer import build_components, episode_generator
-from tests._helpers import assert_one_line_error
+from _helpers import assert_one_line_error
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_YAML = REPO / "examples" / "configs" / "tiny.yaml"
