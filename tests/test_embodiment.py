@@ -264,3 +264,17 @@ def test_body_arena_refuses_what_the_body_cannot_run(body_ck):
     windy = OdorArena(ArenaConfig(motor_table=TABLE, wind=(5.0, 0.0)), dt_ms=4.0)
     with pytest.raises(DMNError, match="wind"):
         BodyArena(windy, load_calibration(cal))
+
+
+def test_arena_path_reproduces_the_shipped_comparison():
+    """The calibration figure's arena paths (made with a hand-written copy of the arena's
+    integration) are what OdorArena.move gives on the same drives (the body started facing +x;
+    its start heading is not stored: with 0 the paths agree to 5e-5 mm)."""
+    from dmn_neuro.embodiment.calibration import arena_path
+
+    cal = json.loads((REPO / "examples" / "embodied" / "body_calibration.json").read_text())
+    for name, c in cal["comparison"].items():
+        start = c["body"][0]
+        path = np.array(arena_path(cal["motor_table"], c["drives"], start[1], start[2], 0.0))
+        assert path.shape == np.array(c["arena"]).shape
+        assert np.abs(path - np.array(c["arena"])).max() < 1e-3, name

@@ -84,6 +84,23 @@ def make_body(source_xyz=None, diffuse_func=None, spawn_xy=(0.0, 0.0), heading=0
     return sim
 
 
+def map_bodies(fn, jobs, workers: int = 2, progress=None) -> list:
+    """``[fn(job) for job in jobs]`` in a local process pool (each job builds its own
+    body), in order, calling ``progress(done, total)`` as results arrive."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = list(jobs)
+    out = []
+    if progress:
+        progress(0, len(jobs))
+    with ProcessPoolExecutor(max_workers=max(1, int(workers))) as pool:
+        for r in pool.map(fn, jobs):
+            out.append(r)
+            if progress:
+                progress(len(out), len(jobs))
+    return out
+
+
 def body_pose(obs):
     """``(x, y, heading)`` of the thorax from a flygym observation."""
     p, o = obs["fly"][0], obs["fly_orientation"]
@@ -206,5 +223,5 @@ class BodyArena:
             self.sim.cameras[0].save_video(path)
 
 
-__all__ = ["BodyArena", "SENSOR_ORDER", "SENSOR_SETS", "body_pose", "combine_sensors", "make_body",
+__all__ = ["BodyArena", "SENSOR_ORDER", "SENSOR_SETS", "body_pose", "combine_sensors", "make_body", "map_bodies",
            "require_flygym", "sensor_positions"]

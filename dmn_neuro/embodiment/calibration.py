@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -83,7 +82,7 @@ def _measure_pair(args):
 def calibrate(drives: Sequence[float] = DEFAULT_DRIVES, settle_s: float = 0.3, measure_s: float = 0.5,
               workers: int = 2, progress: Optional[Callable[[int, int], None]] = None) -> Dict:
     """Measure the motor table and sensor geometry; returns the calibration mapping."""
-    from dmn_neuro.embodiment.body import SENSOR_ORDER, require_flygym
+    from dmn_neuro.embodiment.body import SENSOR_ORDER, map_bodies, require_flygym
     from dmn_neuro.environment.motor import MotorTable
 
     require_flygym()
@@ -92,14 +91,7 @@ def calibrate(drives: Sequence[float] = DEFAULT_DRIVES, settle_s: float = 0.3, m
     if not (settle_s >= 0 and measure_s > 0):
         raise DMNError(f"settle_s must be >= 0 and measure_s > 0, got {settle_s}, {measure_s}")
     jobs = [(dl, dr, settle_s, measure_s) for dl in drives for dr in drives]
-    results: List[dict] = []
-    if progress:
-        progress(0, len(jobs))
-    with ProcessPoolExecutor(max_workers=max(1, int(workers))) as pool:
-        for r in pool.map(_measure_pair, jobs):
-            results.append(r)
-            if progress:
-                progress(len(results), len(jobs))
+    results: List[dict] = map_bodies(_measure_pair, jobs, workers, progress)
     n = len(drives)
     speed = [[0.0] * n for _ in range(n)]
     omega = [[0.0] * n for _ in range(n)]
@@ -171,30 +163,37 @@ def load_calibration(path) -> Dict:
     return data
 
 
-def compare(calibration: Dict, dt_ms: float = 4.0, workers: int = 2) -> Dict:
-    """Body and calibrated-arena trajectories for :data:`TEST_SEQUENCES` (same drives)."""
+def arena_path(motor_table: Dict, drive_seq, x: float, y: float, heading: float, dt_ms: float = 4.0) -> List:
+    """``[(t, x, y), ...]`` of the calibrated arena driven by ``drive_seq`` ((seconds,
+    d_left, d_right), ...) from a pose: the table's kinematics and :meth:`OdorArena.move`."""
     import torch
 
-    from dmn_neuro.environment.motor import MotorTable
+    from dmn_neuro.environment.arena import ArenaConfig, OdorArena
 
-    table = MotorTable.from_dict(calibration["motor_table"])
-    seqs = [s for _, s in TEST_SEQUENCES]
-    with ProcessPoolExecutor(max_workers=max(1, int(workers))) as pool:
-        body = list(pool.map(_walk, seqs))
+    far = 1e4  # walls far away: the comparison paths start anywhere
+    arena = OdorArena(ArenaConfig(motor_table=motor_table, arena_size_mm=(2 * far, 2 * far), goal_mm=(far, far, 0.0)),
+                      dt_ms=dt_ms)
+    st = arena.reset(1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    st = st._replace(pos=torch.tensor([[far + x, far + y, 0.0]], dtype=torch.float64),
+                     heading=torch.tensor([heading], dtype=torch.float64))
+    path, t = [(0.0, x, y)], 0.0
+    for seconds, dl, dr in drive_seq:
+        speed, omega = arena.motor_table.kinematics(torch.tensor([[dl, dr]], dtype=torch.float64))
+        for _ in range(int(round(seconds / arena.dt_s))):
+            st, _ = arena.move(st, speed, omega)
+            t += arena.dt_s
+            path.append((t, float(st.pos[0, 0]) - far, float(st.pos[0, 1]) - far))
+    return path
+
+
+def compare(calibration: Dict, dt_ms: float = 4.0, workers: int = 2) -> Dict:
+    """Body and calibrated-arena trajectories for :data:`TEST_SEQUENCES` (same drives)."""
+    from dmn_neuro.embodiment.body import map_bodies
+
+    body = map_bodies(_walk, [s for _, s in TEST_SEQUENCES], workers)
     out = {}
     for (name, seq), (a, _, wall, sim_t) in zip(TEST_SEQUENCES, body):
-        x, y, h = a[0, 1], a[0, 2], a[0, 3]
-        traj = [(0.0, x, y)]
-        t = 0.0
-        dt = dt_ms * 1e-3
-        for seconds, dl, dr in seq:
-            sp, om = table.kinematics(torch.tensor([[dl, dr]], dtype=torch.float64))
-            for _ in range(int(round(seconds / dt))):
-                h += float(om) * dt
-                x += float(sp) * math.cos(h) * dt
-                y += float(sp) * math.sin(h) * dt
-                t += dt
-                traj.append((t, x, y))
+        traj = arena_path(calibration["motor_table"], seq, a[0, 1], a[0, 2], a[0, 3], dt_ms)
         out[name] = {"body": a[:, :3].tolist(), "arena": traj, "drives": seq, "body_wall_s": wall, "body_sim_s": sim_t}
     return out
 
@@ -235,5 +234,6 @@ def plot_calibration(calibration: Dict, comparison: Dict, path) -> None:
     _save(fig, Path(path))
 
 
-__all__ = ["DEFAULT_DRIVES", "FORMAT", "TEST_SEQUENCES", "arena_overrides_from_sites", "calibrate", "compare",
+__all__ = ["DEFAULT_DRIVES", "FORMAT", "TEST_SEQUENCES", "arena_overrides_from_sites", "arena_path", "calibrate",
+           "compare",
            "load_calibration", "plot_calibration", "symmetrised"]

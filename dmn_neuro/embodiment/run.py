@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -125,7 +124,7 @@ def embody(checkpoint, calibration_path, episodes: int, out_dir, seed: int = EMB
            progress: Optional[Callable[[int, int], None]] = None) -> Dict:
     """Run ``episodes`` episodes; write ``embody.json``, ``trajectories.png`` (and the video) to ``out_dir``."""
     from connectome.atomic import write_text
-    from dmn_neuro.embodiment.body import BodyArena, require_flygym
+    from dmn_neuro.embodiment.body import BodyArena, map_bodies, require_flygym
     from dmn_neuro.embodiment.calibration import load_calibration
 
     if episodes < 1:
@@ -137,15 +136,8 @@ def embody(checkpoint, calibration_path, episodes: int, out_dir, seed: int = EMB
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(str(checkpoint), calibration, i, seed, steps, odor_removed, sensors, None) for i in range(episodes)]
-    eps: List[Dict] = []
     t0 = time.perf_counter()
-    if progress:
-        progress(0, len(jobs))
-    with ProcessPoolExecutor(max_workers=max(1, int(workers))) as pool:
-        for r in pool.map(run_episode, jobs):
-            eps.append(r)
-            if progress:
-                progress(len(eps), len(jobs))
+    eps: List[Dict] = map_bodies(run_episode, jobs, workers, progress)
     report = {
         "checkpoint": str(checkpoint), "calibration": str(calibration_path), "episodes": episodes, "seed": seed,
         "episode_stream": EMBODY_STREAM, "held_out": "start and source positions drawn from an episode stream "
