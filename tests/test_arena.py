@@ -142,6 +142,29 @@ def test_walls_hold():
     assert pos[-1, 0, 0].item() == pytest.approx(100.0) and pos[-1, 1, 1].item() == pytest.approx(0.0)
 
 
+def test_stop_at_source_holds_a_fly_that_reached_the_radius():
+    """Walking straight through the source: without stop_at_source the fly passes it; with it,
+    the fly stops at the first step within the success radius and stays there."""
+    T = 1000  # 1 s at ~20 mm/s from 10 mm away
+    drive = torch.full((T, 1, N_DN), 0.3)
+    ends = {}
+    for stop in (False, True):
+        arena = OdorArena(ArenaConfig(success_radius_mm=2.0, stop_at_source=stop))
+        pos, vel = arena.rollout_kinematics(drive, drive, _state(arena, [[40.0, 50.0, 0.0]], [0.0]))
+        d = torch.linalg.vector_norm(pos[:, 0, :2] - torch.tensor([50.0, 50.0]), dim=-1)
+        first = int(torch.nonzero(d <= 2.0)[0])
+        ends[stop] = (d, first, vel)
+    d, first, _ = ends[False]
+    assert d[-1] > 9.0  # walked on past the source
+    d, first_stop, vel = ends[True]
+    assert first_stop == ends[False][1]  # same path until the radius is reached
+    assert torch.all(d[first:] == d[first]) and d[-1] <= 2.0
+    assert torch.all(vel[first:] == 0)
+    assert ArenaConfig(stop_at_source=True).conditions()["stop_at_source"] is True
+    with pytest.raises(ConfigError, match="stop_at_source must be a bool"):
+        ArenaConfig(stop_at_source="yes")
+
+
 def test_gradient_from_final_position_to_dn_spikes():
     arena = OdorArena(ArenaConfig())
     st = arena.reset(4, torch.Generator().manual_seed(1))

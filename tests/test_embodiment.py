@@ -278,3 +278,27 @@ def test_arena_path_reproduces_the_shipped_comparison():
         path = np.array(arena_path(cal["motor_table"], c["drives"], start[1], start[2], 0.0))
         assert path.shape == np.array(c["arena"]).shape
         assert np.abs(path - np.array(c["arena"])).max() < 1e-3, name
+
+
+def test_bearing_offsets_and_their_breakdown():
+    from dmn_neuro.embodiment.run import _summary, bearing_offset_deg
+
+    # source due north of the start: heading north = 0, east = -90, west = +90, south = 180
+    assert bearing_offset_deg([0, 0], [0, 5], math.pi / 2) == pytest.approx(0.0)
+    assert bearing_offset_deg([0, 0], [0, 5], 0.0) == pytest.approx(-90.0)
+    assert bearing_offset_deg([0, 0], [0, 5], math.pi) == pytest.approx(90.0)
+    assert bearing_offset_deg([0, 0], [0, 5], -math.pi / 2) == pytest.approx(180.0)
+    assert bearing_offset_deg([1, 1], [0, 0], math.radians(225.0) + 2 * math.pi) == pytest.approx(0.0, abs=1e-9)
+
+    def ep(off, ok):
+        res = {"success": ok, "time_to_goal_ms": 500.0 if ok else None, "final_distance_mm": 1.0 if ok else 9.0}
+        return {"start_bearing_offset_deg": off, "arena": res}
+
+    eps = [ep(10, True), ep(-59, False), ep(60, True), ep(-119.5, True), ep(120, False), ep(180, False)]
+    s = _summary(eps, "arena")
+    assert s["n_success"] == 3 and s["success_rate"] == pytest.approx(0.5)
+    assert s["by_start_bearing"] == [
+        {"abs_offset_deg": [0.0, 60.0], "n": 2, "n_success": 1},
+        {"abs_offset_deg": [60.0, 120.0], "n": 2, "n_success": 2},
+        {"abs_offset_deg": [120.0, 180.0], "n": 2, "n_success": 0},
+    ]

@@ -46,6 +46,17 @@ def _setup(checkpoint):
     return cfg, arena, agent
 
 
+def bearing_offset_deg(start, source, heading: float) -> float:
+    """The start heading minus the bearing to the source, wrapped to (-180, 180] degrees."""
+    bearing = math.atan2(source[1] - start[1], source[0] - start[0])
+    off = math.degrees(heading - bearing) % 360.0
+    return off - 360.0 if off > 180.0 else off
+
+
+#: |start heading - bearing to the source| bins of the per-bearing breakdown (degrees)
+BEARING_BINS = ((0.0, 60.0), (60.0, 120.0), (120.0, 180.0))
+
+
 def _reached_at(positions: np.ndarray, source: np.ndarray, radius: float, dt_ms: float) -> Optional[float]:
     d = np.linalg.norm(positions[:, :2] - source[:2], axis=1)
     hit = np.nonzero(d <= radius)[0]
@@ -67,7 +78,9 @@ def run_episode(job) -> Dict:
     env = arena.reset(1, generator=g)
     state = g.get_state()
     out: Dict = {"episode": i, "source": env.source[0].tolist(), "start": env.pos[0].tolist(),
-                 "start_heading": float(env.heading[0])}
+                 "start_heading": float(env.heading[0]),
+                 "start_bearing_offset_deg": bearing_offset_deg(env.pos[0].tolist(), env.source[0].tolist(),
+                                                                float(env.heading[0]))}
     with torch.no_grad():
         ro = agent.rollout(1, T, g, env_state=env, closed_loop="stepped", odor_removed=odor_removed)
     arena_pos = ro.positions[:, 0].double().numpy()
@@ -111,6 +124,10 @@ def _summary(eps: List[Dict], which: str) -> Dict:
     s = {"success_rate": float(np.mean([x["success"] for x in r])), "n_success": int(sum(x["success"] for x in r)),
          "final_distance_mm_mean": float(fd.mean()), "final_distance_mm_median": float(np.median(fd)),
          "final_distances_mm": fd.tolist(), "time_to_goal_ms_mean": float(np.mean(ttg)) if ttg else None}
+    s["by_start_bearing"] = []
+    for lo, hi in BEARING_BINS:  # the last bin includes 180
+        hit = [x["success"] for x, e in zip(r, eps) if lo <= abs(e["start_bearing_offset_deg"]) < hi + (hi == 180.0)]
+        s["by_start_bearing"].append({"abs_offset_deg": [lo, hi], "n": len(hit), "n_success": int(sum(hit))})
     if which == "body":
         sim = sum(x["simulated_s"] for x in r)
         wall = sum(x["wall_s"] for x in r)
@@ -181,13 +198,15 @@ def plot_runs(eps: List[Dict], radius: float, path, title: str = "") -> None:
         ax.add_patch(Circle((s[0], s[1]), radius, fill=False, ls="--", lw=0.7))
         ax.plot(s[0], s[1], "*", color="gold", ms=9, markeredgecolor="k", markeredgewidth=0.4)
         ax.set_aspect("equal")
-        ax.set_title(f"ep {e['episode']}: body {'hit' if e['body']['success'] else 'miss'}, "
+        ax.set_title(f"ep {e['episode']} ({e['start_bearing_offset_deg']:+.0f} deg): "
+                     f"body {'hit' if e['body']['success'] else 'miss'}, "
                      f"arena {'hit' if e['arena']['success'] else 'miss'}", fontsize=7)
         ax.tick_params(labelsize=6)
     for ax in axes.ravel()[n:]:
         ax.axis("off")
-    fig.suptitle(f"{title}  (solid: body, green = reached; dotted: arena, same start)", fontsize=9)
+    fig.suptitle(f"{title}  (solid: body, green = reached; dotted: arena, same start; "
+                 f"start heading - bearing to the source in brackets)", fontsize=9)
     _save(fig, Path(path))
 
 
-__all__ = ["EMBODY_SEED", "EMBODY_STREAM", "embody", "plot_runs", "run_episode"]
+__all__ = ["EMBODY_SEED", "EMBODY_STREAM", "bearing_offset_deg", "embody", "plot_runs", "run_episode"]

@@ -43,6 +43,8 @@ Model (all lengths in mm, times in s unless named ``_ms``; positions are 3-D wit
 * **Walls.** ``x, y`` are clamped to ``[0, arena_size]``.
 * **Success** (for metrics): within ``success_radius_mm`` of the source at the
   end of the episode; the default radius is 10 % of the mean start distance.
+  With ``stop_at_source`` the fly stops once within that radius (the task is
+  reaching the source, as in the body's episodes, which end there).
 * **Training distribution** (all off by default, which is the fixed arena
   above): ``concentration_range`` draws each episode's peak concentration
   log-uniformly from ``[low, high]`` (replacing ``peak_concentration``);
@@ -95,11 +97,10 @@ def _tuple(value, n: int, name: str) -> Tuple[float, ...]:
 class ArenaConfig:
     """Arena parameters (validated; see the module docstring for the model).
 
-    The defaults are the arena the shipped models were trained in: exponential
-    plume (constant bilateral contrast, sharp peak at the source), smoothed
-    motor command, model-scale antennae 3 mm apart. (Before, the defaults were a
-    Gaussian plume, ``plume_d0_mm=10``, ``motor_tau_ms=50``,
-    ``antenna_lateral_mm=1``; see ``dmn_neuro.training.config.LEGACY_ARENA_DEFAULTS``.)
+    The defaults are the arena the shipped models were trained in: exponential plume
+    (constant bilateral contrast, sharp peak at the source), smoothed motor command,
+    model-scale antennae 3 mm apart (the older defaults: ``LEGACY_ARENA_DEFAULTS`` in
+    ``dmn_neuro.training.config``).
     """
 
     arena_size_mm: Tuple[float, float] = (100.0, 100.0)
@@ -129,6 +130,7 @@ class ArenaConfig:
     plume_length_range_mm: Optional[Tuple[float, float]] = None
     wind_speed_range: Optional[Tuple[float, float]] = None
     motor_table: Optional[dict] = None
+    stop_at_source: bool = False
 
     def __post_init__(self) -> None:
         self.arena_size_mm = _tuple(self.arena_size_mm, 2, "arena_size_mm")
@@ -143,8 +145,9 @@ class ArenaConfig:
         if self.plume not in PLUMES:
             raise ConfigError(f"ArenaConfig.plume {self.plume!r} unknown; choose one of {PLUMES}")
         self._check_distribution()
-        if not isinstance(self.odor_removed, bool):
-            raise ConfigError(f"ArenaConfig.odor_removed must be a bool, got {self.odor_removed!r}")
+        for name in ("odor_removed", "stop_at_source"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"ArenaConfig.{name} must be a bool, got {getattr(self, name)!r}")
         w, h = self.arena_size_mm
         if not (w > 0 and h > 0):
             raise ConfigError(f"ArenaConfig.arena_size_mm must be positive, got {self.arena_size_mm}")
@@ -244,6 +247,7 @@ class ArenaConfig:
             "start_distance_mm": list(self.start_distance_mm),
             "success_radius_mm": self.success_radius,
             "odor_removed": self.odor_removed,
+            "stop_at_source": self.stop_at_source,
         }
 
     @property
@@ -537,6 +541,9 @@ class OdorArena:
     def move(self, state: EnvState, speed: torch.Tensor, omega: torch.Tensor) -> Tuple[EnvState, torch.Tensor]:
         """Turn, then walk with the new heading for one step; clamp to the walls."""
         cfg = self.config
+        if cfg.stop_at_source:  # a fly within the success radius stays there
+            there = torch.linalg.vector_norm(state.pos[:, :2] - state.source[:, :2], dim=-1) <= self.success_radius
+            speed = torch.where(there, torch.zeros_like(speed), speed)
         heading = state.heading + omega * self.dt_s
         velocity = torch.stack(
             [speed * torch.cos(heading), speed * torch.sin(heading), torch.zeros_like(speed)], dim=-1
