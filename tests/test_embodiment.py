@@ -40,7 +40,11 @@ HEIGHT = 0.7
 
 def calibration_dict():
     sites = {k: {"forward_mm": f, "lateral_mm": l, "height_mm": HEIGHT} for k, (f, l) in GEOMETRY.items()}
-    return {"format": FORMAT, "format_version": 1, "motor_table": TABLE, "sensors": {"sites": sites, "height_mm": HEIGHT}}
+    arena = {"palps": {"antenna_forward_mm": 0.6, "antenna_lateral_mm": 0.3},
+             "antennae": {"antenna_forward_mm": 1.0, "antenna_lateral_mm": 0.09},
+             "both": {"antenna_forward_mm": 0.8, "antenna_lateral_mm": 0.195}}
+    return {"format": FORMAT, "format_version": 1, "motor_table": TABLE, "sensors": {"sites": sites, "height_mm": HEIGHT},
+            "arena": arena}
 
 
 # -------------------------------------------------------------- motor table
@@ -232,6 +236,9 @@ def test_embody_refuses_a_checkpoint_without_a_body_calibration(body_ck, tmp_pat
     ("{not json", "not readable JSON"),
     (json.dumps({"format": "something else"}), "not a body calibration"),
     (json.dumps({**calibration_dict(), "motor_table": {"drives": [1, 0]}}), "motor_table"),
+    (json.dumps({**calibration_dict(), "arena": {"palps": {"antenna_forward_mm": 0.6}}}), "antenna_lateral_mm"),
+    (json.dumps({**calibration_dict(), "arena": {"palps": {"antenna_forward_mm": "nan", "antenna_lateral_mm": 0.3}}}),
+     "non-finite"),
 ])
 def test_embody_refuses_bad_calibration_files(body_ck, tmp_path, content, what):
     ck, _ = body_ck
@@ -239,6 +246,23 @@ def test_embody_refuses_bad_calibration_files(body_ck, tmp_path, content, what):
     bad.write_text(content)
     res = invoke("embody", ck, "--calibration", bad, "--episodes", 1, "--out", tmp_path / "o")
     assert_one_line_error(res, contains=what, absent=[tmp_path / "o"])
+
+
+def test_the_body_smells_where_the_model_antennae_were_trained(body_ck, tmp_path):
+    """--sensors auto (the default) picks the calibration's sensor set at whose position the
+    checkpoint's model antennae sat in training; a checkpoint matching none is refused."""
+    from dmn_neuro.embodiment.run import trained_sensors
+
+    cal = calibration_dict()
+    assert trained_sensors(cal, ArenaConfig(antenna_forward_mm=0.6, antenna_lateral_mm=0.3)) == "palps"
+    assert trained_sensors(cal, ArenaConfig(antenna_forward_mm=1.0, antenna_lateral_mm=0.09)) == "antennae"
+    assert trained_sensors(cal, ArenaConfig()) is None  # the model-scale antennae of the main arena
+    assert trained_sensors({k: v for k, v in cal.items() if k != "arena"}, ArenaConfig()) is None
+    ck, _ = body_ck
+    other = tmp_path / "cal.json"
+    other.write_text(json.dumps({**cal, "arena": {"antennae": cal["arena"]["antennae"]}}))
+    res = invoke("embody", ck, "--calibration", other, "--episodes", 1, "--out", tmp_path / "o")
+    assert_one_line_error(res, contains="pass --sensors", absent=[tmp_path / "o"])
 
 
 def test_without_flygym_the_body_commands_say_so(body_ck, tmp_path):

@@ -83,8 +83,9 @@ def calibrate_cmd(out, drives, settle_s, measure_s, workers, no_figure) -> None:
               help="Episode seed (stream 3: starts and sources never used in training or evaluate).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Time limit in circuit steps (default: the training episode length).")
 @click.option("--odor-removed", is_flag=True, help="The control: the same episodes with zero odor.")
-@click.option("--sensors", type=click.Choice(["both", "antennae", "palps"]), default="both", show_default=True,
-              help="Odor sensors of each side: mean of palp and antenna, or one of them.")
+@click.option("--sensors", type=click.Choice(["auto", "both", "antennae", "palps"]), default="auto", show_default=True,
+              help="Odor sensors of each side: mean of palp and antenna, or one of them; auto = the set at whose "
+                   "calibrated position the checkpoint's model antennae were in training.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Local processes.")
 @click.option("--video", is_flag=True, help="Also write an MP4 of the first successful episode (headless).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")

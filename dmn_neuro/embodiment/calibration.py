@@ -158,7 +158,10 @@ def load_calibration(path) -> Dict:
     try:
         MotorTable.from_dict(data.get("motor_table"))
         float(data["sensors"]["height_mm"])
-    except (ConfigError, KeyError, TypeError, ValueError) as exc:
+        for name, geo in data.get("arena", {}).items():  # the model-antenna position of each sensor set
+            if not all(math.isfinite(float(geo[k])) for k in ("antenna_forward_mm", "antenna_lateral_mm")):
+                raise ValueError(f"arena.{name} has a non-finite sensor position")
+    except (ConfigError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise DMNError(f"calibration file {path}: {exc}") from None
     return data
 

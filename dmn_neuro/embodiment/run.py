@@ -46,6 +46,16 @@ def _setup(checkpoint):
     return cfg, arena, agent
 
 
+def trained_sensors(calibration: dict, arena_config) -> Optional[str]:
+    """The calibration's sensor set (``palps``, ``antennae``, ``both``) at whose measured
+    position the checkpoint's model antennae sat in training (within 1 um), else None."""
+    for name, geo in sorted(calibration.get("arena", {}).items()):
+        if abs(geo["antenna_forward_mm"] - arena_config.antenna_forward_mm) < 1e-3 and \
+                abs(geo["antenna_lateral_mm"] - arena_config.antenna_lateral_mm) < 1e-3:
+            return name
+    return None
+
+
 def bearing_offset_deg(start, source, heading: float) -> float:
     """The start heading minus the bearing to the source, wrapped to (-180, 180] degrees."""
     bearing = math.atan2(source[1] - start[1], source[0] - start[0])
@@ -137,7 +147,7 @@ def _summary(eps: List[Dict], which: str) -> Dict:
 
 
 def embody(checkpoint, calibration_path, episodes: int, out_dir, seed: int = EMBODY_SEED, steps: Optional[int] = None,
-           odor_removed: bool = False, sensors: str = "both", video: bool = False, workers: int = 2,
+           odor_removed: bool = False, sensors: str = "auto", video: bool = False, workers: int = 2,
            progress: Optional[Callable[[int, int], None]] = None) -> Dict:
     """Run ``episodes`` episodes; write ``embody.json``, ``trajectories.png`` (and the video) to ``out_dir``."""
     from connectome.atomic import write_text
@@ -148,7 +158,14 @@ def embody(checkpoint, calibration_path, episodes: int, out_dir, seed: int = EMB
         raise DMNError(f"--episodes must be >= 1, got {episodes}")
     calibration = load_calibration(calibration_path)
     cfg, arena, _ = _setup(checkpoint)  # validates the checkpoint before any body runs
-    BodyArena(arena, calibration, sensors=sensors)  # refuses checkpoints the body cannot run
+    # refuses checkpoints the body cannot run (and unknown sensor sets)
+    BodyArena(arena, calibration, sensors="both" if sensors == "auto" else sensors)
+    trained = trained_sensors(calibration, arena.config)
+    if sensors == "auto":
+        if trained is None:
+            raise DMNError("the checkpoint's model antennae (ArenaConfig antenna_forward_mm / antenna_lateral_mm) sit at "
+                           "none of the calibration's sensor positions; pass --sensors palps, antennae or both")
+        sensors = trained
     require_flygym()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +176,7 @@ def embody(checkpoint, calibration_path, episodes: int, out_dir, seed: int = EMB
         "checkpoint": str(checkpoint), "calibration": str(calibration_path), "episodes": episodes, "seed": seed,
         "episode_stream": EMBODY_STREAM, "held_out": "start and source positions drawn from an episode stream "
         "(seed, episode, stream 3) that training, validation and evaluate never use",
-        "odor_removed": odor_removed, "sensors": sensors, "time_limit_s": (steps or cfg.episode_length_steps)
+        "odor_removed": odor_removed, "sensors": sensors, "trained_sensors": trained, "time_limit_s": (steps or cfg.episode_length_steps)
         * cfg.circuit.dt_ms * 1e-3, "success_radius_mm": arena.success_radius,
         "success": "within the success radius at any step before the time limit",
         "body": _summary(eps, "body"), "arena_same_starts": _summary(eps, "arena"),
