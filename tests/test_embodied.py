@@ -94,6 +94,7 @@ def test_one_episode_end_to_end_through_the_command(tmp_path):
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     rep = json.loads((out / "embody.json").read_text())
     assert summary["episodes"] == 1 and rep["episode_stream"] == 3
+    assert rep["sensors"] == rep["trained_sensors"] == "palps"  # --sensors auto: where the model was trained
     ep = rep["per_episode"][0]
     assert ep["body"]["simulated_s"] == pytest.approx(0.24) or ep["body"]["success"]
     assert 0 < rep["body"]["simulated_s_per_wall_s"] < 1
