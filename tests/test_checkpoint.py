@@ -65,6 +65,12 @@ def test_files_and_metadata(trained):
     assert meta["episode"] == 2 and meta["metrics"] == {"note": "test"}
     assert TrainingConfig.from_dict(meta["config"]) == tr.config
     assert [r["episode"] for r in meta["loss_history"]] == [0, 1]
+    # what the model never saw is declared in the checkpoint
+    held = meta["extra"]["held_out"]
+    assert held["episode_streams"] == {"training": 0, "evaluate": 1, "validation": 2, "embody": 3}
+    assert held["training_seed"] == tr.config.seed and held["validation_episodes"] == tr.config.eval_episodes
+    assert held["train_odors"] == list(tr.config.environment.train_odors)
+    assert held["held_out_odors"] == list(tr.config.environment.held_out_odors)
 
 
 def test_round_trip_parameters_and_open_loop_spikes(trained):

@@ -313,6 +313,8 @@ JSON_FIELDS = {
                      "checkpoint.json field metrics must be a mapping, got list []"),
     "best_score": (lambda m: m["extra"].__setitem__("best_score", "good"),
                    "checkpoint.json field extra.best_score must be null or a list of numbers, got str 'good'"),
+    "held_out": (lambda m: m["extra"].__setitem__("held_out", ["stream 1"]),
+                 "checkpoint.json field extra.held_out must be a mapping, got list ['stream 1']"),
     "best_loss": (lambda m: m["extra"].__setitem__("best_loss", None),
                   "checkpoint.json field extra.best_loss must be a number, got NoneType None"),
     "param_groups": (lambda m: m["optimizer"].__setitem__("param_groups", {"lr": 1}),

@@ -121,3 +121,5 @@ def test_body_navigator_config_is_the_documented_stage_4():
     assert stored == documented
     arena = stored["environment"]["arena"]
     assert arena["stop_at_source"] is True and arena["start_heading_offset_deg"] == 120.0
+    held = ck["meta"]["extra"]["held_out"]  # the embody episodes' stream was never drawn in training
+    assert held["episode_streams"]["embody"] == 3 and held["validation_episodes"] == 64

@@ -26,9 +26,8 @@ import numpy as np
 import torch
 
 from dmn_neuro.errors import DMNError
+from dmn_neuro.training.optimizer import EMBODY_STREAM
 
-#: the episode stream of embodied runs (training 0, evaluation 1, validation 2)
-EMBODY_STREAM = 3
 EMBODY_SEED = 777
 
 

@@ -78,6 +78,8 @@ def check_meta(meta: Mapping[str, Any], where: str = "checkpoint", max_version: 
     extra = meta.get("extra", {})
     if "best_loss" in extra and not _is_number(extra["best_loss"]):
         raise bad("extra.best_loss", f"must be a number, got {_kind(extra['best_loss'])}")
+    if "held_out" in extra and not isinstance(extra["held_out"], dict):
+        raise bad("extra.held_out", f"must be a mapping, got {_kind(extra['held_out'])}")
     bs = extra.get("best_score")
     if bs is not None and not (isinstance(bs, list) and all(_is_number(x) for x in bs)):
         raise bad("extra.best_score", f"must be null or a list of numbers, got {_kind(bs)}")

@@ -31,6 +31,24 @@ EVAL_STREAM = 1
 #: stream so they never overlap the held-out evaluation episodes.
 VALIDATION_STREAM = 2
 VALIDATION_SEED = 2024
+#: Episodes run in the NeuroMechFly body (``dmn-neuro embody``).
+EMBODY_STREAM = 3
+
+
+def held_out_declaration(config) -> Dict[str, Any]:
+    """What a checkpoint trained with ``config`` never saw (stored in every checkpoint's ``extra``)."""
+    env = config.environment
+    return {
+        "episode_streams": {"training": TRAIN_STREAM, "evaluate": EVAL_STREAM, "validation": VALIDATION_STREAM,
+                            "embody": EMBODY_STREAM},
+        "episodes": "each episode's sources, starts and noise are drawn from (seed, episode, stream); training "
+                    "draws only the training stream, model selection only the validation stream, so evaluate and "
+                    "embody episodes are held out",
+        "training_seed": int(config.seed), "validation_seed": VALIDATION_SEED,
+        "validation_episodes": int(config.eval_episodes),
+        "selection": "checkpoints/best: highest validation success, ties by smaller final distance",
+        "train_odors": list(env.train_odors), "held_out_odors": list(env.held_out_odors),
+    }
 
 
 def episode_generator(seed: int, episode: int, stream: int = TRAIN_STREAM) -> torch.Generator:
@@ -255,7 +273,8 @@ class DMNTrainer:
         rng = {"torch_cpu": torch.get_rng_state()}
         p = ckpt.save_checkpoint(path, self.circuit, self.config, self.episode, self.optimizer,
                                  self.loss_history, metrics, rng,
-                                 extra={"best_loss": self.best_loss, "best_score": self.best_score})
+                                 extra={"best_loss": self.best_loss, "best_score": self.best_score,
+                                        "held_out": held_out_declaration(self.config)})
         self.last_good_path = p
         return p
 
