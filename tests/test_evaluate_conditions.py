@@ -130,6 +130,26 @@ def test_start_distance_keeps_the_success_radius(ck, tmp_path):
     assert obj["conditions"]["start_distance_mm"] == [5.0, 6.0] and obj["success_radius_mm"] == base.success_radius
 
 
+def test_start_heading_bounds_the_start_offset_from_the_bearing(ck, tmp_path):
+    import math
+
+    for deg in (0.0, 30.0, 180.0):
+        _, _, arena, _, _ = _components(ck, start_heading=deg)
+        s = arena.reset(256, torch.Generator().manual_seed(1))
+        bearing = torch.atan2(s.source[:, 1] - s.pos[:, 1], s.source[:, 0] - s.pos[:, 0])
+        off = torch.remainder(s.heading - bearing + math.pi, 2 * math.pi) - math.pi
+        assert off.abs().max() <= math.radians(deg) + 1e-5
+        if deg == 180.0:
+            assert off.abs().max() > math.radians(150)  # any direction, facing away included
+    obj = _evaluate(ck, tmp_path, "--start-heading", 30)
+    assert obj["conditions"]["start_heading_offset_deg"] == 30.0
+    assert condition_tag(start_heading=30.0) == "heading-30deg"
+    res = invoke("evaluate", ck, *SHORT, "--start-heading", 181, "--out", tmp_path / "bad")
+    assert res.exit_code == 2 and "--start-heading" in res.output and not (tmp_path / "bad").exists()
+    res = invoke("evaluate", ck, "--table", "--start-heading", 30, "--out", tmp_path / "t")
+    assert res.exit_code == 2 and "--start-heading" in res.output
+
+
 def test_steps_sets_the_episode_length(ck, tmp_path):
     obj = _evaluate(ck, tmp_path, "--steps", 7)
     assert obj["episode_length_steps"] == 7 and obj["conditions"]["episode_length_steps"] == 7

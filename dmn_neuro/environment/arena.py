@@ -244,7 +244,7 @@ class ArenaConfig:
             "plume_length_range_mm": list(self.plume_length_range_mm) if self.plume_length_range_mm else None,
             "wind_mm_s": None if self.wind_speed_range else list(self.wind),
             "wind_speed_range_mm_s": list(self.wind_speed_range) if self.wind_speed_range else None,
-            "start_distance_mm": list(self.start_distance_mm),
+            "start_distance_mm": list(self.start_distance_mm), "start_heading_offset_deg": self.start_heading_offset_deg,
             "success_radius_mm": self.success_radius,
             "odor_removed": self.odor_removed,
             "stop_at_source": self.stop_at_source,

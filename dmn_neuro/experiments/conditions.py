@@ -35,7 +35,7 @@ TARGETS = {"training": 0.80, "held_out_odors_mean": 0.70, "each_concentration": 
 
 
 def evaluation_config(cfg, odors=(), concentration=None, plume=None, plume_length=None, wind=None,
-                      start_distance=None, distractor=None):
+                      start_distance=None, distractor=None, start_heading=None):
     """``cfg`` with its arena fixed to the given conditions (each ``None``/empty keeps the checkpoint's).
 
     Returns ``(config, mixture)``: ``mixture`` is the tuple of odors to mix (the
@@ -62,6 +62,8 @@ def evaluation_config(cfg, odors=(), concentration=None, plume=None, plume_lengt
         changes.update(wind=(float(wind), 0.0), wind_speed_range=None)
     if start_distance is not None:
         changes.update(start_distance_mm=tuple(start_distance), success_radius_mm=arena.success_radius)
+    if start_heading is not None:
+        changes.update(start_heading_offset_deg=float(start_heading))
     if distractor:
         from dmn_neuro.experiments.choice_gradient import with_distractor
 
