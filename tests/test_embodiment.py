@@ -251,7 +251,7 @@ def test_embody_refuses_bad_calibration_files(body_ck, tmp_path, content, what):
 def test_the_body_smells_where_the_model_antennae_were_trained(body_ck, tmp_path):
     """--sensors auto (the default) picks the calibration's sensor set at whose position the
     checkpoint's model antennae sat in training; a checkpoint matching none is refused."""
-    from dmn_neuro.embodiment.run import trained_sensors
+    from dmn_neuro.embodiment.body import trained_sensors
 
     cal = calibration_dict()
     assert trained_sensors(cal, ArenaConfig(antenna_forward_mm=0.6, antenna_lateral_mm=0.3)) == "palps"

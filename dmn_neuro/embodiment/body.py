@@ -101,6 +101,16 @@ def map_bodies(fn, jobs, workers: int = 2, progress=None) -> list:
     return out
 
 
+def trained_sensors(calibration: dict, arena_config) -> Optional[str]:
+    """The calibration's sensor set (``palps``, ``antennae``, ``both``) at whose measured
+    position the checkpoint's model antennae sat in training (within 1 um), else None."""
+    for name, geo in sorted(calibration.get("arena", {}).items()):
+        if abs(geo["antenna_forward_mm"] - arena_config.antenna_forward_mm) < 1e-3 and \
+                abs(geo["antenna_lateral_mm"] - arena_config.antenna_lateral_mm) < 1e-3:
+            return name
+    return None
+
+
 def body_pose(obs):
     """``(x, y, heading)`` of the thorax from a flygym observation."""
     p, o = obs["fly"][0], obs["fly_orientation"]
@@ -128,7 +138,8 @@ class BodyArena:
     ``arena``: the checkpoint's :class:`OdorArena` (its config must carry the
     ``motor_table`` of a body calibration; episodes are drawn by its ``reset``);
     ``calibration``: the calibration mapping (for the sensor height);
-    ``sensors``: which odor sensors make each side (:data:`SENSOR_SETS`);
+    ``sensors``: which odor sensors make each side (:data:`SENSOR_SETS`, or ``auto``:
+    :func:`trained_sensors`);
     ``body_factory``: :func:`make_body` (default) or a stand-in with its signature.
     """
 
@@ -140,8 +151,13 @@ class BodyArena:
                            "train with one from `dmn-neuro embody calibrate` to run it in the body")
         if cfg.randomised or any(cfg.wind):
             raise DMNError("the body runs isotropic plumes only: the checkpoint's arena has wind or per-episode conditions")
+        if sensors == "auto":
+            sensors = trained_sensors(calibration, cfg)
+            if sensors is None:
+                raise DMNError("the checkpoint's model antennae (ArenaConfig antenna_forward_mm / antenna_lateral_mm) "
+                               "sit at none of the calibration's sensor positions; pass --sensors palps, antennae or both")
         if sensors not in SENSOR_SETS:
-            raise DMNError(f"sensors must be one of {SENSOR_SETS}, got {sensors!r}")
+            raise DMNError(f"sensors must be one of {SENSOR_SETS} or 'auto', got {sensors!r}")
         self.arena = arena
         self.config = cfg
         self.dt_ms, self.dt_s = arena.dt_ms, arena.dt_s
@@ -224,4 +240,4 @@ class BodyArena:
 
 
 __all__ = ["BodyArena", "SENSOR_ORDER", "SENSOR_SETS", "body_pose", "combine_sensors", "make_body", "map_bodies",
-           "require_flygym", "sensor_positions"]
+           "require_flygym", "sensor_positions", "trained_sensors"]

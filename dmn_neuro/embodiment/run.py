@@ -45,16 +45,6 @@ def _setup(checkpoint):
     return cfg, arena, agent
 
 
-def trained_sensors(calibration: dict, arena_config) -> Optional[str]:
-    """The calibration's sensor set (``palps``, ``antennae``, ``both``) at whose measured
-    position the checkpoint's model antennae sat in training (within 1 um), else None."""
-    for name, geo in sorted(calibration.get("arena", {}).items()):
-        if abs(geo["antenna_forward_mm"] - arena_config.antenna_forward_mm) < 1e-3 and \
-                abs(geo["antenna_lateral_mm"] - arena_config.antenna_lateral_mm) < 1e-3:
-            return name
-    return None
-
-
 def bearing_offset_deg(start, source, heading: float) -> float:
     """The start heading minus the bearing to the source, wrapped to (-180, 180] degrees."""
     bearing = math.atan2(source[1] - start[1], source[0] - start[0])
@@ -150,21 +140,16 @@ def embody(checkpoint, calibration_path, episodes: int, out_dir, seed: int = EMB
            progress: Optional[Callable[[int, int], None]] = None) -> Dict:
     """Run ``episodes`` episodes; write ``embody.json``, ``trajectories.png`` (and the video) to ``out_dir``."""
     from connectome.atomic import write_text
-    from dmn_neuro.embodiment.body import BodyArena, map_bodies, require_flygym
+    from dmn_neuro.embodiment.body import BodyArena, map_bodies, require_flygym, trained_sensors
     from dmn_neuro.embodiment.calibration import load_calibration
 
     if episodes < 1:
         raise DMNError(f"--episodes must be >= 1, got {episodes}")
     calibration = load_calibration(calibration_path)
     cfg, arena, _ = _setup(checkpoint)  # validates the checkpoint before any body runs
-    # refuses checkpoints the body cannot run (and unknown sensor sets)
-    BodyArena(arena, calibration, sensors="both" if sensors == "auto" else sensors)
+    # refuses checkpoints the body cannot run; resolves --sensors auto
+    sensors = BodyArena(arena, calibration, sensors=sensors).sensors
     trained = trained_sensors(calibration, arena.config)
-    if sensors == "auto":
-        if trained is None:
-            raise DMNError("the checkpoint's model antennae (ArenaConfig antenna_forward_mm / antenna_lateral_mm) sit at "
-                           "none of the calibration's sensor positions; pass --sensors palps, antennae or both")
-        sensors = trained
     require_flygym()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

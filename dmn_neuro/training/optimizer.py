@@ -46,7 +46,8 @@ def held_out_declaration(config) -> Dict[str, Any]:
                     "embody episodes are held out",
         "training_seed": int(config.seed), "validation_seed": VALIDATION_SEED,
         "validation_episodes": int(config.eval_episodes),
-        "selection": "checkpoints/best: highest validation success, ties by smaller final distance",
+        "selection": "checkpoints/best: highest validation success, ties by smaller final distance"
+                     if config.eval_episodes else "checkpoints/best: lowest training loss (no validation episodes)",
         "train_odors": list(env.train_odors), "held_out_odors": list(env.held_out_odors),
     }
 
