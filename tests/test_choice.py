@@ -167,6 +167,27 @@ def test_choices_on_hand_built_trajectories():
     assert choice_metrics([CHOICE_NONE])["accuracy_among_chosen"] is None
 
 
+def test_stop_at_source_traps_the_fly_at_either_source():
+    """Trap-assay rule: with stop_at_source a fly walking straight through the distractor stops
+    there (choice: distractor), and one walking through the target stops at the target."""
+    cfg = TrainingConfig.from_yaml(CHOICE_YAML).replace(device="cpu")
+    codes = {}
+    for stop in (False, True):
+        arena_cfg = dataclasses.replace(cfg.environment.arena, stop_at_source=stop, success_radius_mm=2.0)
+        arena = ChoiceArena(arena_cfg, cfg.environment.choice)
+        s = arena.reset(2, episode_generator(0, 3))
+        on_axis = torch.stack([s.conditions.distractor[0], s.source[1]])  # fly 0 heads at the distractor, 1 at the target
+        start = on_axis.clone()
+        start[:, 0] -= 10.0
+        s = s._replace(pos=start, start_pos=start.clone(), heading=torch.zeros(2))
+        for _ in range(1000):  # 1 s at 40 mm/s: far past either source without stopping
+            s, _ = arena.move(s, torch.full((2,), 40.0), torch.zeros(2))
+        codes[stop] = arena.choices(s.pos, s).tolist()
+        gone = (s.pos[:, :2] - on_axis[:, :2]).norm(dim=-1)
+        assert torch.all(gone <= 2.0) if stop else torch.all(gone > 20.0)
+    assert codes[True] == [CHOICE_DISTRACTOR, CHOICE_TARGET]
+
+
 def test_similarity_is_the_pearson_correlation_of_hallem_responses():
     import numpy as np
 

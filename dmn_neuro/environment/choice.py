@@ -31,7 +31,9 @@ antennae, motor, walls -- is the approach arena's, see its module docstring):
   the distractor, *none* otherwise (the separation is larger than two radii).
   The training loss is the approach task's, towards the target
   (``EnvState.source`` is the target), so a training episode's "success" is a
-  correct choice.
+  correct choice. With the arena's ``stop_at_source`` the fly stops within the
+  radius of *either* source, so its choice is the first source it reaches (the
+  trap assay's rule: a fly that enters a trap stays there).
 * **Similarity** of two odors (:func:`odor_similarity`): the Pearson
   correlation of their Hallem & Carlson response vectors (spike-rate changes
   at 10^-2 over the 24 receptors).
@@ -210,6 +212,13 @@ class ChoiceArena(OdorArena):
         c = torch.stack([self.field(points, state.source, cond.plume),
                          self.field(points, cond.distractor, cond.plume)], dim=-1)
         return c * 0.0 if self.config.odor_removed else c
+
+    def move(self, state: EnvState, speed: torch.Tensor, omega: torch.Tensor) -> Tuple[EnvState, torch.Tensor]:
+        """The arena's move; with ``stop_at_source`` the fly also stops at the distractor (the arena stops it at the target)."""
+        if self.config.stop_at_source:
+            there = torch.linalg.vector_norm(state.pos[:, :2] - state.conditions.distractor[:, :2], dim=-1)
+            speed = torch.where(there <= self.success_radius, torch.zeros_like(speed), speed)
+        return super().move(state, speed, omega)
 
     def choices(self, final_pos: torch.Tensor, state: EnvState) -> torch.Tensor:
         """Choice code per episode (:data:`CHOICE_TARGET` / ``_DISTRACTOR`` / ``_NONE``) of final positions ``[B, 3]``."""
