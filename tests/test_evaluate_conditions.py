@@ -150,6 +150,22 @@ def test_start_heading_bounds_the_start_offset_from_the_bearing(ck, tmp_path):
     assert res.exit_code == 2 and "--start-heading" in res.output
 
 
+def test_stop_at_source_flag_overrides_the_checkpoints_rule(ck, tmp_path):
+    for flag in (True, False):
+        _, _, arena, _, _ = _components(ck, stop_at_source=flag)
+        assert arena.config.stop_at_source is flag
+    _, _, arena, _, _ = _components(ck)
+    assert arena.config.stop_at_source is False  # the checkpoint's (tiny.yaml's default)
+    runs = {f: _evaluate(ck, tmp_path / f, f"--{f}", "--start-distance", 1, 3) for f in ("stop-at-source", "no-stop-at-source")}
+    assert runs["stop-at-source"]["conditions"]["stop_at_source"] is True
+    assert runs["no-stop-at-source"]["conditions"]["stop_at_source"] is False
+    # same episodes: every fly within the radius at the end was also there at some step
+    assert runs["stop-at-source"]["success_rate"] >= runs["no-stop-at-source"]["success_rate"]
+    assert condition_tag(stop_at_source=True) == "stop_at_source"
+    res = invoke("evaluate", ck, "--table", "--stop-at-source", "--out", tmp_path / "t")
+    assert res.exit_code == 2 and "--stop-at-source" in res.output
+
+
 def test_steps_sets_the_episode_length(ck, tmp_path):
     obj = _evaluate(ck, tmp_path, "--steps", 7)
     assert obj["episode_length_steps"] == 7 and obj["conditions"]["episode_length_steps"] == 7

@@ -122,7 +122,7 @@ def _slug(text: str) -> str:
 
 
 def condition_tag(odors=(), concentration=None, plume=None, plume_length=None, wind=None, start_distance=None,
-                  steps=None, odor_removed=False, distractor=None, start_heading=None) -> str:
+                  steps=None, odor_removed=False, distractor=None, start_heading=None, stop_at_source=None) -> str:
     """Short name of the evaluation conditions ("default" when none is changed)."""
     parts = []
     if odors:
@@ -141,6 +141,8 @@ def condition_tag(odors=(), concentration=None, plume=None, plume_length=None, w
         parts.append(f"start-{start_distance[0]:g}-{start_distance[1]:g}mm")
     if start_heading is not None:
         parts.append(f"heading-{start_heading:g}deg")
+    if stop_at_source is not None:
+        parts.append("stop_at_source" if stop_at_source else "no_stop_at_source")
     if steps is not None:
         parts.append(f"steps-{steps}")
     if odor_removed:
@@ -182,6 +184,10 @@ def checkpoint_name(checkpoint) -> str:
 @click.option("--start-heading", type=FiniteRange(0.0, 180.0), default=None, metavar="DEG",
               help="Start headings uniform within +-DEG of the bearing to the source (180: any direction). "
                    "Default: the checkpoint's.")
+@click.option("--stop-at-source/--no-stop-at-source", default=None,
+              help="Whether a fly stops once within the success radius (of either source in the choice task: "
+                   "the trap-assay rule), so that success is reaching; without it success is being within the "
+                   "radius at the end. Default: the checkpoint's.")
 @click.option("--odor-removed", is_flag=True, help="Control: concentration forced to zero.")
 @click.option("--distractor", default=None, callback=_check_distractor, metavar="NAME",
               help="Choice-task checkpoints: the distractor odor of every episode (any Hallem & Carlson odor but "
@@ -201,7 +207,7 @@ def checkpoint_name(checkpoint) -> str:
                    "x0.25/x0.5/x2/x4, each plume, wind, odor removed, untrained), --episodes each: "
                    "conditions.json/.md/.png in --out (default ./evaluation/CHECKPOINTNAME_table).")
 def evaluate(checkpoint, episodes, seed, steps, odors, concentration, plume, plume_length, wind, start_distance,
-             start_heading, odor_removed, distractor, choice_gradient, device, out_dir, as_json, table):
+             start_heading, stop_at_source, odor_removed, distractor, choice_gradient, device, out_dir, as_json, table):
     """Success rate and trajectory metrics of a checkpoint on held-out episodes.
 
     Without condition flags the episodes are the checkpoint's training
@@ -221,7 +227,7 @@ def evaluate(checkpoint, episodes, seed, steps, odors, concentration, plume, plu
         given = [f for f, v in (("--odor", odors), ("--concentration", concentration), ("--plume", plume),
                                 ("--plume-length", plume_length), ("--wind", wind), ("--steps", steps),
                                 ("--start-distance", start_distance), ("--start-heading", start_heading is not None),
-                                ("--odor-removed", odor_removed),
+                                ("--stop-at-source", stop_at_source is not None), ("--odor-removed", odor_removed),
                                 ("--distractor", distractor), ("--choice-gradient", choice_gradient)) if v]
         if given:
             raise click.UsageError(f"--table evaluates the standard conditions; it cannot be combined with {given[0]}")
@@ -242,11 +248,11 @@ def evaluate(checkpoint, episodes, seed, steps, odors, concentration, plume, plu
     _check_task_flags(cfg, odors, distractor, choice_gradient)
     cfg, mixture = evaluation_config(cfg, odors=odors, concentration=concentration, plume=plume,
                                      plume_length=plume_length, wind=wind, start_distance=start_distance,
-                                     start_heading=start_heading,
+                                     start_heading=start_heading, stop_at_source=stop_at_source,
                                      distractor=distractor)
     _, encoder, arena, agent, _ = build_components(cfg, circuit=circuit, device=dev)
     tag = condition_tag(odors, concentration, plume, plume_length, wind, start_distance, steps, odor_removed,
-                        distractor, start_heading)
+                        distractor, start_heading, stop_at_source)
     if choice_gradient:
         out = Path(out_dir) if out_dir else Path.cwd() / "evaluation" / f"{checkpoint_name(checkpoint)}_choice_gradient"
         return _choice_gradient(checkpoint, cfg, agent, episodes, seed, steps, dev, tag, out, as_json)

@@ -35,7 +35,7 @@ TARGETS = {"training": 0.80, "held_out_odors_mean": 0.70, "each_concentration": 
 
 
 def evaluation_config(cfg, odors=(), concentration=None, plume=None, plume_length=None, wind=None,
-                      start_distance=None, distractor=None, start_heading=None):
+                      start_distance=None, distractor=None, start_heading=None, stop_at_source=None):
     """``cfg`` with its arena fixed to the given conditions (each ``None``/empty keeps the checkpoint's).
 
     Returns ``(config, mixture)``: ``mixture`` is the tuple of odors to mix (the
@@ -64,6 +64,8 @@ def evaluation_config(cfg, odors=(), concentration=None, plume=None, plume_lengt
         changes.update(start_distance_mm=tuple(start_distance), success_radius_mm=arena.success_radius)
     if start_heading is not None:
         changes.update(start_heading_offset_deg=float(start_heading))
+    if stop_at_source is not None:
+        changes.update(stop_at_source=bool(stop_at_source))
     if distractor:
         from dmn_neuro.experiments.choice_gradient import with_distractor
 
