@@ -61,6 +61,7 @@ def test_shipped_choice_model_and_its_gradient():
     assert [r["odor"] for r in rows] == [*ch.held_out_distractors, *ch.distractors]
     assert all(r["held_out"] == (r["odor"] in ch.held_out_distractors) for r in rows)
     assert all(r["n"] == grad["episodes_per_distractor"] == 50 for r in rows)
+    assert grad["stop_at_source"] is cfg.environment.arena.stop_at_source is True  # the trap rule, as trained
     for r in rows[:3]:
         assert r["similarity"] == pytest.approx(odor_similarity(ch.target_odor, r["odor"]))
     below = [r["correct_rate"] for r in rows if r["held_out"] and r["similarity"] < 0.8]
@@ -70,8 +71,8 @@ def test_shipped_choice_model_and_its_gradient():
 
 def test_shipped_choice_model_tells_the_target_from_a_held_out_distractor():
     """Identity, not position: with a held-out distractor unlike the target (E2-hexenal, similarity
-    0.04) the fly ends nearer the target than the distractor (chance 0.5; measured 0.96 on these
-    25 for the shipped model, trained without adaptation)."""
+    0.04) the fly ends nearer the target than the distractor (chance 0.5; measured 0.88 on these
+    25 for the shipped model, trained with the trap rule: a fly stops at the first source it reaches)."""
     from dmn_neuro.experiments.choice_gradient import with_distractor
 
     circuit, ck = load_circuit(CHOICE)

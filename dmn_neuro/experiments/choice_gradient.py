@@ -87,7 +87,10 @@ def choice_gradient(agent, cfg, episodes: int = 50, seed: int = 12345, episode_l
         "episode_length_steps": int(episode_length or cfg.episode_length_steps),
         "success_radius_mm": float(base.success_radius),
         "choice_definition": "target: final position within the success radius of the target; distractor: within "
-                             "it of the distractor; none: neither",
+                             "it of the distractor; none: neither" + (
+                                 " (stop_at_source, the trap rule: the fly stops at the first source whose radius "
+                                 "it enters)" if base.config.stop_at_source else ""),
+        "stop_at_source": bool(base.config.stop_at_source),
         "distractors": rows,
         "summary": {"held_out_below_threshold": _summary(below), "held_out_all": _summary(held),
                     "training_below_threshold": _summary([r for r in rows if not r["held_out"]
