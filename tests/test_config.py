@@ -54,7 +54,7 @@ NESTED = {
 
 #: Section fields that came after the flat configs (no old file can hold them).
 NEWER_KEYS = {"variant", "loihi", "qat_episodes", "weight_bits", "check_episodes", "adaptation_tau_ms",
-              "adaptation_floor", "adaptation_level", "task", "choice"}
+              "adaptation_floor", "adaptation_level", "task", "choice", "clip_weight_thresholds"}
 
 
 def test_every_old_flat_key_has_one_section():

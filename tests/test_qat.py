@@ -235,6 +235,39 @@ def test_cli_quantize_writes_a_snapped_checkpoint(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_clip_weights_makes_an_unrepresentable_model_deployable(tmp_path):
+    """A weight above 254 thresholds cannot be held by Loihi (one-line error naming the fix);
+    --clip-weights clips it (and only the weights above the cap) and the snap then succeeds."""
+    c = tiny_circuit(7)
+    cw = c.weight("APL", "KC")
+    i, j = map(int, torch.nonzero(cw.mask)[0])
+    with torch.no_grad():
+        cw.raw[i, j] = 1000.0  # softplus(1000) = 1000 magnitude: ~1000 thresholds
+    with pytest.raises(ExportError, match="clip-weights"):
+        quantize(c.to_spec())
+    before = c.to_spec()
+    path = tmp_path / "big"
+    save_checkpoint(path, c, _config(), 3)
+    res = CliRunner().invoke(quantize_cmd, [str(path), "-o", str(tmp_path / "bad")])
+    assert res.exit_code != 0 and "clip-weights" in str(res.exception) and not (tmp_path / "bad").exists()
+    res = CliRunner().invoke(quantize_cmd, [str(path), "-o", str(tmp_path / "ok"), "--clip-weights", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    over = {q.name: int((np.abs(q.weight) > 4 * q_th[:, None]).sum())
+            for q, q_th in ((q, before.population(q.post).threshold) for q in before.projections)}
+    assert rep["clipped"] == over and rep["clipped"]["APL->KC"] >= 1
+    snapped, ck = load_circuit(tmp_path / "ok")
+    assert ck["meta"]["extra"]["fixed_point_snap"]["clip_weight_thresholds"] == 4.0
+    after = snapped.to_spec()
+    for q in after.projections:
+        th = after.population(q.post).threshold[:, None]
+        assert np.all(np.abs(q.weight) <= 4 * th * (1 + 1e-3) + 1e-6), q.name
+    res = CliRunner().invoke(quantize_cmd, [str(path), "-o", str(tmp_path / "z"), "--clip-weights", "0"])
+    assert res.exit_code == 2 and not (tmp_path / "z").exists()
+    with pytest.raises(Exception, match="clip_weight_thresholds"):
+        TrainingConfig.from_dict({**_config().to_dict(), "deployment": {"clip_weight_thresholds": -1}})
+
+
 def test_cli_quantize_with_finetuning(tiny_checkpoint, tmp_path):
     out = tmp_path / "qat"
     res = CliRunner().invoke(quantize_cmd, [str(tiny_checkpoint), "-o", str(out), "--finetune-episodes", "1", "--json"])

@@ -32,14 +32,19 @@ LSB = FiniteRange(0.0, 16.0)
 @click.option("--truncation-bias-lsb", type=LSB, default=qat.TRUNCATION_BIAS_LSB, show_default=True)
 @click.option("--threshold-margin-lsb", type=LSB, default=qat.THRESHOLD_MARGIN_LSB, show_default=True)
 @click.option("--leak-lsb", type=LSB, default=qat.LEAK_LSB, show_default=True)
+@click.option("--clip-weights", "clip_weights", type=FiniteRange(0.0, 1e6, min_open=True), default=None,
+              metavar="THRESHOLDS", help="First clip every weight to at most this many postsynaptic thresholds "
+              "(a few huge weights coarsen the grid of a population's other inputs; above 254 Loihi cannot hold "
+              "them). Default: no clipping.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def quantize_cmd(checkpoint, out, finetune_episodes, weight_bits, truncation_bias_lsb, threshold_margin_lsb,
-                 leak_lsb, as_json):
+                 leak_lsb, clip_weights, as_json):
     """Snap a checkpoint onto the Loihi 2 fixed-point grid and save it as a new checkpoint."""
     snap_options = {"truncation_bias_lsb": truncation_bias_lsb, "threshold_margin_lsb": threshold_margin_lsb,
                     "leak_lsb": leak_lsb}
     progress = None if as_json else (lambda r: click.echo(f"qat episode {r['episode']}: loss {r['total']:.4f}"))
-    rep = qat.quantize_checkpoint(checkpoint, out, finetune_episodes, weight_bits, snap_options, progress)
+    rep = qat.quantize_checkpoint(checkpoint, out, finetune_episodes, weight_bits, snap_options, progress,
+                                  clip_weight_thresholds=clip_weights)
     if as_json:
         click.echo(json.dumps(rep, default=float))
         return

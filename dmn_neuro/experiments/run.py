@@ -134,8 +134,10 @@ def deploy_loihi(cfg, best: Path, target: Path, notice: Callable[[str], None] = 
 
     dep = cfg.deployment
     notice(f"Loihi stage: {dep.qat_episodes} quantisation-aware episodes on {best}")
-    rep = quantize_checkpoint(best, target, dep.qat_episodes, dep.weight_bits)
+    rep = quantize_checkpoint(best, target, dep.qat_episodes, dep.weight_bits,
+                              clip_weight_thresholds=dep.clip_weight_thresholds)
     out: Dict[str, Any] = {"checkpoint": rep["checkpoint"], "qat_episodes": dep.qat_episodes,
+                           "clip_weight_thresholds": dep.clip_weight_thresholds, "clipped": rep["clipped"],
                            "weight_bits": dep.weight_bits, "check_episodes": dep.check_episodes}
     if dep.check_episodes:
         float_circuit, _ = load_circuit(best, device="cpu")

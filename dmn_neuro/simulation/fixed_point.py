@@ -363,7 +363,8 @@ def quantize(spec: CircuitSpec, weight_bits: int = 8, v_headroom: float = 16.0, 
         if vth < 1:
             raise ExportError(
                 f"population {p.name}: incoming weights exceed {weight_range('MIXED', bits)[1]} thresholds, "
-                "not representable with weight exponent 0")
+                "not representable with weight exponent 0 (clip them first: `dmn-neuro quantize --clip-weights`, "
+                "deployment.clip_weight_thresholds)")
         dv = int(decay_to_dv(p.beta))
         b = p.bias / p.threshold * vth  # in units of (1 << BIAS_EXP) / 64 = 1 mantissa step
         clipped = int(np.count_nonzero((round_half_even(b) < BIAS_MANT_MIN) | (round_half_even(b) > BIAS_MANT_MAX)))

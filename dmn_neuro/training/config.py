@@ -372,12 +372,15 @@ class DeploymentConfig:
     grid (``weight_bits``-bit weights; :mod:`dmn_neuro.training.qat`), saves it
     as ``checkpoints/loihi`` and reports held-out success of the float model and
     of the fixed-point emulator on ``check_episodes`` episodes.
+    ``clip_weight_thresholds`` first clips weights to that many postsynaptic
+    thresholds (:func:`dmn_neuro.training.qat.clip_weights`; None: no clipping).
     """
 
     loihi: bool = False
     qat_episodes: int = 20
     weight_bits: int = 8
     check_episodes: int = 50
+    clip_weight_thresholds: Optional[float] = None
 
     def __post_init__(self) -> None:
         s = "deployment."
@@ -387,6 +390,11 @@ class DeploymentConfig:
         if not (_is_number(self.weight_bits) and float(self.weight_bits).is_integer() and 2 <= self.weight_bits <= 8):
             raise ConfigError(f"config: deployment.weight_bits must be an integer in 2..8, got {self.weight_bits!r}")
         self.weight_bits = int(self.weight_bits)
+        c = self.clip_weight_thresholds
+        if c is not None:
+            if not (_is_number(c) and math.isfinite(c) and c > 0):
+                raise ConfigError(f"config: deployment.clip_weight_thresholds must be a number > 0 or null, got {c!r}")
+            self.clip_weight_thresholds = float(c)
 
 
 SECTIONS: Dict[str, type] = {

@@ -291,6 +291,30 @@ def _nudge_limiting_weights(circuit, target_fps: FixedPointSpec, names: Sequence
     return moved
 
 
+def clip_weights(circuit, max_thresholds: float) -> Dict[str, int]:
+    """Clip every weight's magnitude to ``max_thresholds`` postsynaptic thresholds, in place.
+
+    Loihi 2's weights (exponent 0) reach at most 254-255 ``vth`` units, and one
+    population's ``vth`` is shared by all its inputs, so a few huge weights
+    coarsen the grid of every other input (or, above 254 thresholds, cannot be
+    represented). Returns the number of clipped synapses per projection; the
+    rest of the circuit is untouched.
+    """
+    if not (isinstance(max_thresholds, (int, float)) and math.isfinite(max_thresholds) and max_thresholds > 0):
+        raise ExportError(f"clip_weight_thresholds={max_thresholds!r} must be a finite number > 0")
+    spec = circuit.to_spec()
+    clipped: Dict[str, int] = {}
+    for q in spec.projections:
+        cap = float(max_thresholds) * np.broadcast_to(spec.population(q.post).threshold[:, None], q.weight.shape)
+        over = np.abs(q.weight) > cap
+        clipped[q.name] = int(over.sum())
+        if over.any():
+            cw = circuit.weight(q.pre, q.post)
+            raw = cw.raw.detach().cpu().double().numpy()
+            _write_(cw.raw, np.where(over, _inverse_softplus64(np.where(over, cap, 1.0)), raw))
+    return clipped
+
+
 def snap_circuit_to_grid(circuit, zero_policy: str = "epsilon", add_bias: bool = True,
                          truncation_bias_lsb: float = TRUNCATION_BIAS_LSB,
                          threshold_margin_lsb: float = THRESHOLD_MARGIN_LSB, leak_lsb: float = LEAK_LSB,
@@ -539,7 +563,8 @@ def _quantisation_summary(rep: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def quantize_checkpoint(checkpoint, out, finetune_episodes: int = 0, weight_bits: int = 8,
-                        snap_options: Dict[str, Any] = None, progress=None) -> Dict[str, Any]:
+                        snap_options: Dict[str, Any] = None, progress=None,
+                        clip_weight_thresholds: Optional[float] = None) -> Dict[str, Any]:
     """Load ``checkpoint``, optionally fine-tune with fake quantisation, snap, save to ``out``.
 
     Returns the report printed by the command: ``quantisation_before`` (the
@@ -547,6 +572,7 @@ def quantize_checkpoint(checkpoint, out, finetune_episodes: int = 0, weight_bits
     ``quantisation_after`` (of the saved one), ``snap`` (parameter changes,
     see :func:`dmn_neuro.training.qat.snap_circuit_to_grid`) and ``finetune`` (episode
     losses). The optimiser state is not carried over (the parameters moved).
+    ``clip_weight_thresholds``: first :func:`clip_weights` (``clipped`` in the report).
     """
     from dmn_neuro.simulation.fixed_point import quantize
     from dmn_neuro.training.checkpoint import load_circuit, save_checkpoint
@@ -558,6 +584,7 @@ def quantize_checkpoint(checkpoint, out, finetune_episodes: int = 0, weight_bits
     meta = ck["meta"]
     cfg = TrainingConfig.from_dict(meta["config"]).replace(device="cpu")
     qopts = {"weight_bits": int(weight_bits)}
+    clipped = None if clip_weight_thresholds is None else clip_weights(circuit, clip_weight_thresholds)
     before = _quantisation_summary(quantize(circuit.to_spec(), **qopts).report)
     records = []
     episode = int(meta.get("episode", 0))
@@ -576,9 +603,10 @@ def quantize_checkpoint(checkpoint, out, finetune_episodes: int = 0, weight_bits
     extra = dict(meta.get("extra", {}))
     extra["fixed_point_snap"] = {"source": str(checkpoint), "finetune_episodes": int(finetune_episodes),
                                  "weight_bits": int(weight_bits), "compensation": snap["compensation"],
-                                 "biases_added": snap["biases_added"]}
+                                 "biases_added": snap["biases_added"], "clip_weight_thresholds": clip_weight_thresholds,
+                                 "clipped": clipped}
     path = save_checkpoint(out, circuit.float(), cfg, episode, None, history, meta.get("metrics", {}), None, extra)
     return {"checkpoint": str(path), "source": str(checkpoint), "finetune_episodes": int(finetune_episodes),
-            "finetune": [{k: r[k] for k in ("episode", "total") if k in r} for r in records],
+            "finetune": [{k: r[k] for k in ("episode", "total") if k in r} for r in records], "clipped": clipped,
             "quantisation_before": before, "quantisation_after": _quantisation_summary(snap["quantisation"]),
             "snap": {k: v for k, v in snap.items() if k != "quantisation"}}
