@@ -538,21 +538,21 @@ class OdorArena:
         omega = cfg.omega_max_rad_s * torch.tanh(cfg.turn_gain * (motor[:, 0] - motor[:, 1]))
         return speed, omega
 
+    def at_source(self, state: EnvState) -> torch.Tensor:
+        """``[B]`` bool: the fly is within the success radius of a source (``stop_at_source`` stops it there)."""
+        return torch.linalg.vector_norm(state.pos[:, :2] - state.source[:, :2], dim=-1) <= self.success_radius
+
     def move(self, state: EnvState, speed: torch.Tensor, omega: torch.Tensor) -> Tuple[EnvState, torch.Tensor]:
         """Turn, then walk with the new heading for one step; clamp to the walls."""
         cfg = self.config
         if cfg.stop_at_source:  # a fly within the success radius stays there
-            there = torch.linalg.vector_norm(state.pos[:, :2] - state.source[:, :2], dim=-1) <= self.success_radius
-            speed = torch.where(there, torch.zeros_like(speed), speed)
+            speed = torch.where(self.at_source(state), torch.zeros_like(speed), speed)
         heading = state.heading + omega * self.dt_s
-        velocity = torch.stack(
-            [speed * torch.cos(heading), speed * torch.sin(heading), torch.zeros_like(speed)], dim=-1
-        )
+        velocity = torch.stack([speed * torch.cos(heading), speed * torch.sin(heading), torch.zeros_like(speed)], dim=-1)
         moved = state.pos + velocity * self.dt_s
         w, h = cfg.arena_size_mm
         pos = torch.stack([moved[:, 0].clamp(0.0, w), moved[:, 1].clamp(0.0, h), state.pos[:, 2]], dim=-1)
-        new_state = state._replace(pos=pos, heading=heading, step=state.step + 1)
-        return new_state, velocity
+        return state._replace(pos=pos, heading=heading, step=state.step + 1), velocity
 
     def rollout_kinematics(
         self, dn_left: torch.Tensor, dn_right: torch.Tensor, state: EnvState

@@ -213,12 +213,10 @@ class ChoiceArena(OdorArena):
                          self.field(points, cond.distractor, cond.plume)], dim=-1)
         return c * 0.0 if self.config.odor_removed else c
 
-    def move(self, state: EnvState, speed: torch.Tensor, omega: torch.Tensor) -> Tuple[EnvState, torch.Tensor]:
-        """The arena's move; with ``stop_at_source`` the fly also stops at the distractor (the arena stops it at the target)."""
-        if self.config.stop_at_source:
-            there = torch.linalg.vector_norm(state.pos[:, :2] - state.conditions.distractor[:, :2], dim=-1)
-            speed = torch.where(there <= self.success_radius, torch.zeros_like(speed), speed)
-        return super().move(state, speed, omega)
+    def at_source(self, state: EnvState) -> torch.Tensor:
+        """Within the success radius of the target *or* the distractor (the trap rule stops the fly at either)."""
+        d = torch.linalg.vector_norm(state.pos[:, :2] - state.conditions.distractor[:, :2], dim=-1)
+        return super().at_source(state) | (d <= self.success_radius)
 
     def choices(self, final_pos: torch.Tensor, state: EnvState) -> torch.Tensor:
         """Choice code per episode (:data:`CHOICE_TARGET` / ``_DISTRACTOR`` / ``_NONE``) of final positions ``[B, 3]``."""
