@@ -54,7 +54,8 @@ NESTED = {
 
 #: Section fields that came after the flat configs (no old file can hold them).
 NEWER_KEYS = {"variant", "loihi", "qat_episodes", "weight_bits", "check_episodes", "adaptation_tau_ms",
-              "adaptation_floor", "adaptation_level", "task", "choice", "clip_weight_thresholds"}
+              "adaptation_floor", "adaptation_level", "task", "choice", "clip_weight_thresholds",
+              "log_distance_weight"}
 
 
 def test_every_old_flat_key_has_one_section():
@@ -164,6 +165,8 @@ def test_sections_validate_on_their_own():
         OptimisationConfig(optimizer="lbfgs")
     with pytest.raises(ConfigError, match="loss.energy_weight"):
         LossConfig(energy_weight=-1)
+    with pytest.raises(ConfigError, match="loss.log_distance_weight"):
+        LossConfig(log_distance_weight=-0.5)
     assert EnvironmentConfig(arena={"speed_gain": 0.1}).arena == ArenaConfig(speed_gain=0.1)
 
 

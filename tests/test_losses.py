@@ -205,3 +205,29 @@ def test_binary_sparsity_fast_path_equals_prod_bit_for_bit(dtype):
     rates = torch.full((100, 2, 4), 0.3, dtype=dtype, requires_grad=True)  # non-binary: the smooth path
     kc_population_sparsity(rates, 50.0, 1.0).backward()
     assert torch.all(rates.grad > 0)
+
+
+def test_log_distance_part_of_navigation():
+    """log_distance_weight adds the time-weighted mean of log((d_t + 1) / (d0 + 1)) and puts
+    its gradient on the last millimetres; 0 (the default) leaves the loss bit for bit."""
+    pos = torch.tensor([[[10.0, 0, 0]], [[6.0, 0, 0]], [[0.5, 0, 0]], [[0.5, 0, 0]], [[2.5, 0, 0]]])
+    vel = torch.zeros(4, 1, 3)
+    kw = dict(velocity_scale_mm_s=4000.0, sparsity_weight=0.0, activity_weight=0.0, energy_weight=0.0)
+    base = _loss(**kw)(pos, vel)["navigation"]
+    assert torch.equal(_loss(log_distance_weight=0.0, **kw)(pos, vel)["navigation"], base)
+    d = torch.tensor([10.0, 6.0, 0.5, 0.5, 2.5])
+    log_part = float((torch.arange(1, 6) * torch.log((d + 1) / 11)).sum() / 15)
+    out = _loss(log_distance_weight=0.5, **kw)(pos, vel)["navigation"]
+    assert out.item() == pytest.approx(base.item() + 0.5 * log_part, rel=1e-6)
+
+    def grad_at(x_mm):  # d loss / d x of the last position, from a start 20 mm away
+        p = torch.tensor([[[20.0, 0, 0]], [[x_mm, 0, 0]]], requires_grad=True)
+        _loss(log_distance_weight=1.0, no_progress_weight=0.0, **kw)(p, torch.zeros(1, 1, 3))["navigation"].backward()
+        lin = torch.tensor([[[20.0, 0, 0]], [[x_mm, 0, 0]]], requires_grad=True)
+        _loss(no_progress_weight=0.0, **kw)(lin, torch.zeros(1, 1, 3))["navigation"].backward()
+        return p.grad[1, 0, 0].item() - lin.grad[1, 0, 0].item()
+
+    # the log part's pull is 1/(d + 1): 4.5x stronger at 3.5 mm than at 20 mm
+    assert grad_at(3.5) / grad_at(20.0) == pytest.approx(21 / 4.5, rel=1e-5)
+    with pytest.raises(ConfigError, match="log_distance_weight"):
+        _loss(log_distance_weight=-1.0)

@@ -333,9 +333,10 @@ class LossConfig:
     sparsity_weight: float = 0.1
     activity_weight: float = 0.01
     kc_sparsity_target: float = 0.02
+    log_distance_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        for w in ("navigation_weight", "energy_weight", "sparsity_weight", "activity_weight"):
+        for w in ("navigation_weight", "energy_weight", "sparsity_weight", "activity_weight", "log_distance_weight"):
             _check_number(self, "loss.", w, allow_zero=True)
         _check_number(self, "loss.", "kc_sparsity_target")
 

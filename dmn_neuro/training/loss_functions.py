@@ -17,6 +17,10 @@ order one at its worst, plus their weighted sum::
   switches the per-step penalty off once the fly has arrived (so stopping at the
   source is not penalised). The per-step term gives every step a gradient
   through the heading, which the distance terms alone give only weakly.
+  With ``log_distance_weight`` > 0 it adds that weight times the same time-weighted
+  mean of ``log((d_t + 1 mm) / (d0 + 1 mm))``: a fly 3.5 mm from the source then
+  costs about as much more than one at 2 mm as one at 20 mm does than one at 11 mm,
+  so the last millimetres of the approach carry gradient (0 = off, the default).
 * **energy** -- ``mean_t,b |v_t|^2 / velocity_scale^2`` (∝ Σ‖v‖²; 1 = moving at
   the reference speed all the time).
 * **sparsity** -- ``((s - target) / target)^2`` with ``s`` the KC population
@@ -46,6 +50,8 @@ from dmn_neuro.simulation.semantics import DEFAULT_DT_MS
 #: Default window over which KC population sparsity is measured.
 DEFAULT_SPARSITY_WINDOW_MS: float = 50.0
 LOSS_TERMS = ("navigation", "energy", "sparsity", "activity")
+#: Offset (mm) of the log-distance navigation part: finite at the source, ~1/d beyond a few mm.
+LOG_DISTANCE_OFFSET_MM: float = 1.0
 
 
 def _window_steps(window_ms: float, dt_ms: float) -> int:
@@ -136,6 +142,7 @@ class CombinedLoss(nn.Module):
         velocity_scale_mm_s: reference speed of the energy term.
         min_start_distance_mm: floor of ``d0`` (avoids dividing by ~0).
         activity_populations: populations in the activity term (``None`` = all given).
+        log_distance_weight: weight of the log-distance part of the navigation term.
     """
 
     def __init__(
@@ -156,6 +163,7 @@ class CombinedLoss(nn.Module):
         velocity_scale_mm_s: float = 20.0,
         min_start_distance_mm: float = 1.0,
         activity_populations: Optional[Sequence[str]] = None,
+        log_distance_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.navigation_weight = _check_weight("navigation_weight", navigation_weight)
@@ -164,6 +172,7 @@ class CombinedLoss(nn.Module):
         self.activity_weight = _check_weight("activity_weight", activity_weight)
         self.no_progress_weight = _check_weight("no_progress_weight", no_progress_weight)
         self.arrival_fraction = _check_weight("arrival_fraction", arrival_fraction)
+        self.log_distance_weight = _check_weight("log_distance_weight", log_distance_weight)
         goal = tuple(float(g) for g in goal_position)
         if len(goal) != 3 or not all(math.isfinite(g) for g in goal):
             raise ConfigError(f"CombinedLoss.goal_position must be 3 finite numbers, got {goal_position}")
@@ -213,7 +222,11 @@ class CombinedLoss(nn.Module):
         progress = (d_prev - d) / (self.velocity_scale_mm_s * self.dt_ms * 1e-3)
         gate = (d_prev > self.arrival_fraction * d0[None]).to(d.dtype).detach()
         stalled = (gate * (1.0 - progress)).mean(0)
-        return (weighted + final + self.no_progress_weight * (torch.relu(final - 1.0) + stalled)).mean()
+        total = weighted + final + self.no_progress_weight * (torch.relu(final - 1.0) + stalled)
+        if self.log_distance_weight > 0:
+            log_d = torch.log((d + LOG_DISTANCE_OFFSET_MM) / (d0[None] + LOG_DISTANCE_OFFSET_MM))
+            total = total + self.log_distance_weight * (w[:, None] * log_d).sum(0)
+        return total.mean()
 
     def energy_loss(self, velocities: torch.Tensor) -> torch.Tensor:
         if velocities.numel() == 0:

@@ -105,6 +105,7 @@ def build_components(config: TrainingConfig, circuit=None, device=None):
         navigation_weight=lc.navigation_weight, energy_weight=lc.energy_weight,
         sparsity_weight=lc.sparsity_weight, activity_weight=lc.activity_weight,
         goal_position=tuple(arena.config.goal_mm), kc_sparsity_target=lc.kc_sparsity_target, dt_ms=cc.dt_ms,
+        log_distance_weight=lc.log_distance_weight,
     )
     return circuit, encoder, arena, agent, loss_fn
 
