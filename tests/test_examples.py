@@ -63,3 +63,35 @@ def test_seed_workflow_bad_config_is_one_line_error(tmp_path):
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 1 and lines == ["Error: config: unknown key(s) learnin_rate"]
     assert not (tmp_path / "o").exists()
+
+
+def test_generalisation_failure_breakdown_runs_on_a_randomised_checkpoint(tmp_path):
+    """examples/experiments/generalisation_attempts/failures.py: one row per held-out episode,
+    success consistent with the closest approach, and the per-plume counts add up."""
+    import yaml
+
+    from dmn_neuro.training.optimizer import DMNTrainer, build_components
+
+    d = yaml.safe_load((EXAMPLES / "configs" / "tiny.yaml").read_text())
+    d["environment"]["arena"].update(odors=["isopentyl acetate", "ethyl acetate"], concentration_range=[0.25, 4.0],
+                                     plumes=["exponential", "gaussian", "inverse_square"],
+                                     plume_length_range_mm=[10.0, 25.0], wind_speed_range=[0.0, 5.0])
+    cfg = TrainingConfig.from_dict({**d, "episode_length_steps": 20, "batch_size": 2, "eval_episodes": 0,
+                                    "device": "cpu"})
+    circuit, encoder, arena, _, loss_fn = build_components(cfg)
+    trainer = DMNTrainer(circuit, loss_fn, cfg, environment=arena, encoder=encoder)
+    ck = trainer.save_checkpoint(tmp_path / "ck")
+    env = dict(os.environ, DMN_NEURO_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    script = EXAMPLES / "experiments" / "generalisation_attempts" / "failures.py"
+    res = subprocess.run([sys.executable, str(script), str(ck), "--episodes", "30", "--out", str(tmp_path / "f")],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((tmp_path / "f" / "failures.json").read_text())
+    rows = out["episodes"]
+    assert len(rows) == 30 and out["stream"] == "evaluation"
+    assert all(r["reached"] == (r["closest_mm"] <= out["success_radius_mm"]) for r in rows)
+    assert all(10.0 <= r["length_mm"] <= 25.0 and 0.25 <= r["peak"] <= 4.0 for r in rows)
+    s = out["summary"]
+    assert sum(v["n"] for v in s["by_plume"].values()) == 30
+    assert s["all"]["success_rate"] == sum(r["reached"] for r in rows) / 30
+    assert (tmp_path / "f" / "failures.png").stat().st_size > 0
