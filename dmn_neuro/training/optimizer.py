@@ -324,13 +324,14 @@ def evaluate_agent(agent: NavigationAgent, config: TrainingConfig, n_episodes: i
     ``batch_size``, each from its own seeded generator). ``stepper`` replaces the
     circuit in the loop (e.g. the Loihi fixed-point emulator). In the choice task
     success is a correct choice, and ``choice`` holds the correct / wrong / none
-    rates (:func:`~dmn_neuro.environment.choice.choice_metrics`)."""
+    rates (:func:`~dmn_neuro.environment.choice.choice_metrics`). ``return_rollouts``
+    adds each chunk's :class:`Rollout` and start :class:`EnvState` (its drawn conditions)."""
     from dmn_neuro.training.loss_functions import TrajectoryAnalyzer
 
     T = int(episode_length or config.episode_length_steps)
     analyzer = TrajectoryAnalyzer()
     radius = agent.arena.success_radius
-    finals, means, succ, sparsity, rollouts, codes = [], [], [], [], [], []
+    finals, means, succ, sparsity, rollouts, starts, codes = [], [], [], [], [], [], []
     choices = getattr(agent.arena, "choices", None)  # the choice task: which source each episode ended at
     done, chunk = 0, 0
     agent.circuit.eval()
@@ -351,6 +352,7 @@ def evaluate_agent(agent: NavigationAgent, config: TrainingConfig, n_episodes: i
         sparsity.append(float(agent_loss_sparsity(ro)))
         if return_rollouts:
             rollouts.append(ro)
+            starts.append(env)
         done += b
         chunk += 1
     finals_a, succ_a = np.concatenate(finals), np.concatenate(succ)
@@ -366,7 +368,7 @@ def evaluate_agent(agent: NavigationAgent, config: TrainingConfig, n_episodes: i
 
         out["choice"] = choice_metrics(torch.cat(codes))  # correct_rate == success_rate
     if return_rollouts:
-        out["rollouts"] = rollouts
+        out["rollouts"], out["start_states"] = rollouts, starts
     return out
 
 

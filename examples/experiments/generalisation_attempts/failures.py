@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmn_neuro.environment.arena import PLUMES
+from connectome.errors import ConfigError
 from dmn_neuro.analysis.plots import _plt, _save, write_json
+from dmn_neuro.environment.arena import PLUMES
+from dmn_neuro.errors import DMNError
 from dmn_neuro.training.checkpoint import load_circuit
 from dmn_neuro.training.config import TrainingConfig
-from dmn_neuro.training.optimizer import EVAL_STREAM, build_components, episode_generator
+from dmn_neuro.training.optimizer import build_components, evaluate_agent
 
-CHUNK = 25
 LENGTH_BINS = (10.0, 15.0, 20.0, 25.0001)
 
 
@@ -34,22 +35,18 @@ def episode_rows(checkpoint, episodes: int, seed: int):
     circuit, ck = load_circuit(checkpoint, device="cpu")
     cfg = TrainingConfig.from_dict(ck["meta"]["config"]).replace(device="cpu")
     if not cfg.environment.arena_config().randomised:
-        raise SystemExit(f"{checkpoint}: its arena draws no conditions (fixed plume and concentration)")
-    _, _, arena, agent, _ = build_components(cfg, circuit=circuit.float(), device=torch.device("cpu"))
-    agent.circuit.eval()
+        raise ConfigError(f"{checkpoint}: its arena draws no conditions (fixed plume and concentration)")
+    cpu = torch.device("cpu")
+    _, _, arena, agent, _ = build_components(cfg, circuit=circuit.float(), device=cpu)
+    res = evaluate_agent(agent, cfg, episodes, seed=seed, device=cpu, return_rollouts=True)
     rows = []
-    for chunk in range(math.ceil(episodes / CHUNK)):
-        b = min(CHUNK, episodes - chunk * CHUNK)
-        g = episode_generator(seed, chunk, EVAL_STREAM)
-        with torch.no_grad():  # the same draws as evaluate_agent
-            env = arena.reset(b, generator=g, device="cpu")
-            ro = agent.rollout(b, cfg.episode_length_steps, g, device="cpu", env_state=env)
-            c0 = arena.concentration(env)
+    for ro, env in zip(res["rollouts"], res["start_states"]):
         d = torch.linalg.vector_norm(ro.positions[:, :, :2] - ro.source[None, :, :2], dim=-1)  # [T+1, B]
+        c0 = arena.concentration(env)
         bearing = torch.atan2(env.source[:, 1] - env.pos[:, 1], env.source[:, 0] - env.pos[:, 0])
         offset = torch.remainder(env.heading - bearing + math.pi, 2 * math.pi) - math.pi
         cond = env.conditions
-        for i in range(b):
+        for i in range(d.shape[1]):
             rows.append({
                 "plume": PLUMES[int(cond.plume[i])], "length_mm": float(cond.length[i]), "peak": float(cond.peak[i]),
                 "wind_mm_s": float(cond.wind[i].norm()), "start_distance_mm": float(d[0, i]),
@@ -128,4 +125,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except DMNError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        sys.exit(1)
