@@ -319,13 +319,13 @@ class DMNTrainer:
 def evaluate_agent(agent: NavigationAgent, config: TrainingConfig, n_episodes: int = 50, seed: int = 12345,
                    odor_removed: bool = False, episode_length: Optional[int] = None, batch_size: int = 25,
                    device=None, return_rollouts: bool = False, stream: int = EVAL_STREAM,
-                   stepper=None) -> Dict[str, Any]:
+                   stepper=None, return_start_states: bool = False) -> Dict[str, Any]:
     """Success and distances over ``n_episodes`` episodes of ``stream`` (chunks of
     ``batch_size``, each from its own seeded generator). ``stepper`` replaces the
     circuit in the loop (e.g. the Loihi fixed-point emulator). In the choice task
     success is a correct choice, and ``choice`` holds the correct / wrong / none
-    rates (:func:`~dmn_neuro.environment.choice.choice_metrics`). ``return_rollouts``
-    adds each chunk's :class:`Rollout` and start :class:`EnvState` (its drawn conditions)."""
+    rates (:func:`~dmn_neuro.environment.choice.choice_metrics`). ``return_rollouts`` /
+    ``return_start_states`` add each chunk's :class:`Rollout` / start :class:`EnvState` (its drawn conditions)."""
     from dmn_neuro.training.loss_functions import TrajectoryAnalyzer
 
     T = int(episode_length or config.episode_length_steps)
@@ -352,6 +352,7 @@ def evaluate_agent(agent: NavigationAgent, config: TrainingConfig, n_episodes: i
         sparsity.append(float(agent_loss_sparsity(ro)))
         if return_rollouts:
             rollouts.append(ro)
+        if return_start_states:
             starts.append(env)
         done += b
         chunk += 1
@@ -368,7 +369,9 @@ def evaluate_agent(agent: NavigationAgent, config: TrainingConfig, n_episodes: i
 
         out["choice"] = choice_metrics(torch.cat(codes))  # correct_rate == success_rate
     if return_rollouts:
-        out["rollouts"], out["start_states"] = rollouts, starts
+        out["rollouts"] = rollouts
+    if return_start_states:
+        out["start_states"] = starts
     return out
 
 

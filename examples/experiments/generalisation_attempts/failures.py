@@ -38,7 +38,8 @@ def episode_rows(checkpoint, episodes: int, seed: int):
         raise ConfigError(f"{checkpoint}: its arena draws no conditions (fixed plume and concentration)")
     cpu = torch.device("cpu")
     _, _, arena, agent, _ = build_components(cfg, circuit=circuit.float(), device=cpu)
-    res = evaluate_agent(agent, cfg, episodes, seed=seed, device=cpu, return_rollouts=True)
+    res = evaluate_agent(agent, cfg, episodes, seed=seed, device=cpu, return_rollouts=True,
+                         return_start_states=True)
     rows = []
     for ro, env in zip(res["rollouts"], res["start_states"]):
         d = torch.linalg.vector_norm(ro.positions[:, :, :2] - ro.source[None, :, :2], dim=-1)  # [T+1, B]
